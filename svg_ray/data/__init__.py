@@ -1,0 +1,1 @@
+"""Data schema, latent statistics and small built-in datasets."""

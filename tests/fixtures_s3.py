@@ -1,0 +1,1 @@
+"""SeaweedFS S3 server fixture (filled in by the precompute work)."""
