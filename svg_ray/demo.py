@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from svg_ray.checkpoint import BundleInfo, save_bundle
-from svg_ray.config import from_dict, to_dict
+from svg_ray.config import add_arguments, parse_arguments, to_dict
 from svg_ray.data.digits import CLASS_NAMES, load_digits_tensor
 from svg_ray.data.stats import ChannelMoments
 from svg_ray.flow.loss import FlowLoss
@@ -172,9 +172,6 @@ def _save_png(grid: torch.Tensor, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``svg-ray demo [--key value ...]`` with keys of DemoConfig."""
     p = argparse.ArgumentParser(prog="svg-ray demo", description=__doc__.splitlines()[0])
-    defaults = DemoConfig()
-    for name, value in to_dict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(p.parse_args(argv))
-    run(from_dict(DemoConfig, args, "demo"))
+    add_arguments(p, DemoConfig)
+    run(parse_arguments(DemoConfig, vars(p.parse_args(argv)), "demo"))
     return 0
