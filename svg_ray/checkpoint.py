@@ -88,6 +88,7 @@ def save_autoencoder(ae: SVGAutoencoder, uri: str, extra: dict[str, Any] | None 
         "format": AE_FORMAT,
         "config": json.dumps(ae.cfg.to_dict()),
         "dino_weights_sha256": ae.encoder.weights_sha256 or "random",
+        "latent_shape": json.dumps(list(ae.latent_shape)),
         "extra": json.dumps(extra or {}),
     }
     storage.write_bytes(uri, st_save(_state(ae), metadata=meta))
@@ -101,6 +102,35 @@ def load_autoencoder(uri: str, device: str | torch.device = "cpu") -> SVGAutoenc
     load_strict(ae, tensors, f"autoencoder checkpoint {uri}")
     ae.encoder.weights_sha256 = meta.get("dino_weights_sha256")
     return ae.to(device).eval()
+
+
+def read_metadata(uri: str) -> dict[str, str]:
+    """The header metadata of a safetensors checkpoint, reading only the header bytes."""
+    if not storage.exists(uri):
+        raise CheckpointError(f"checkpoint not found: {uri}")
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{uri} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise CheckpointError(f"{uri} is not a safetensors file (header size {n})")
+        try:
+            return json.loads(f.read(n)).get("__metadata__", {}) or {}
+        except ValueError as e:
+            raise CheckpointError(f"{uri} is not a safetensors file: {e}") from e
+
+
+def autoencoder_latent_shape(uri: str) -> tuple[int, int, int]:
+    """(C, h, w) of the latents an autoencoder checkpoint produces, from its header alone."""
+    meta = read_metadata(uri)
+    if meta.get("format") != AE_FORMAT:
+        raise CheckpointError(f"{uri} has format {meta.get('format')!r}, expected {AE_FORMAT!r}")
+    if "latent_shape" in meta:
+        c, h, w = json.loads(meta["latent_shape"])
+        return int(c), int(h), int(w)
+    return tuple(load_autoencoder(uri).latent_shape)  # type: ignore[return-value]
 
 
 def autoencoder_id(uri: str) -> str:

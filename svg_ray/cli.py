@@ -8,14 +8,27 @@ import sys
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("svg_ray.demo", "in-process demo: both stages on the digits, writes a sample grid"),
+    "serve": (
+        "serve.app",
+        "local Ray Serve sampler endpoint + playground for a bundle or models:/",
+    ),
+    "precompute": ("pipelines.precompute", "Ray Data job: images -> latent Parquet + manifest"),
+    "train": ("pipelines.train_diffusion", "Ray Train job: the diffusion transformer on latents"),
 }
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input was wrong": printed as one line, never a traceback."""
+    from svg_ray.checkpoint import CheckpointError
+    from svg_ray.config import ConfigError
+    from svg_ray.data.manifest import ManifestError
+    from svg_ray.weights import AssetError
+
+    return (ConfigError, AssetError, CheckpointError, ManifestError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``svg-ray <command> [args]``; errors print a message, not a traceback."""
-    from svg_ray.config import ConfigError
-    from svg_ray.weights import AssetError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         width = max(len(c) for c in COMMANDS)
@@ -28,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     module, _ = COMMANDS[argv[0]]
     try:
         return int(importlib.import_module(module).main(argv[1:]) or 0)
-    except (ConfigError, AssetError) as e:
+    except user_errors() as e:
         print(f"svg-ray {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest_plugins = ["fixtures_s3"]
+pytest_plugins = ["fixtures_s3", "fixtures_mlflow"]
 
 
 @pytest.fixture(autouse=True)

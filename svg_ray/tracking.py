@@ -1,0 +1,138 @@
+"""MLflow tracking: one run per training, re-attached on resume; the model registry.
+
+Ray Train V2 has no MLflow callback, so training logs with plain ``mlflow`` calls on world rank 0.
+The driver creates (or finds) the run before any worker starts and passes its id down, so a worker
+restart or a resubmitted job re-attaches to the same run instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from svg_ray.config import flatten
+
+TAG_RUN_NAME = "svg_ray.run_name"
+TAG_STORAGE = "svg_ray.storage_path"
+TAG_KIND = "svg_ray.kind"
+BUNDLE_ARTIFACT = "bundle"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or a local sqlite store under ./outputs (the embedded default)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path("outputs").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Experiment id for ``name``, created if needed (artifacts beside a local sqlite store)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Without a server, a sqlite store's default artifact root is relative to whichever
+        # process's cwd logs first (a Ray worker's session dir): pin it beside the database.
+        location = Path(tracking_uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def find_or_create_run(
+    tracking_uri: str, experiment: str, run_name: str, storage_path: str, kind: str
+) -> tuple[str, bool]:
+    """(run id, resumed?) of the run tagged with this Ray run name and storage path."""
+    client = _client(tracking_uri)
+    exp_id = ensure_experiment(tracking_uri, experiment)
+    flt = f"tags.`{TAG_RUN_NAME}` = '{run_name}' and tags.`{TAG_STORAGE}` = '{storage_path}'"
+    found = client.search_runs([exp_id], filter_string=flt, max_results=1)
+    if found:
+        return str(found[0].info.run_id), True
+    run = client.create_run(
+        exp_id,
+        run_name=run_name,
+        tags={TAG_RUN_NAME: run_name, TAG_STORAGE: storage_path, TAG_KIND: kind},
+    )
+    return str(run.info.run_id), False
+
+
+def log_params_once(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log a flattened config; skipped when the run already has params (a resumed run)."""
+    client = _client(tracking_uri)
+    if client.get_run(run_id).data.params:
+        return
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):  # the REST API takes at most 100 params per batch
+        client.log_batch(run_id, params=flat[i : i + 100])
+
+
+class RunLogger:
+    """Metrics and images to one MLflow run (used on rank 0 only)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = _client(tracking_uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        """Log a dict of scalars at ``step``."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def image(self, image: Any, artifact_file: str) -> None:
+        """Log a uint8 (H, W, 3) array as a PNG artifact."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def artifacts(self, local_dir: str, artifact_path: str) -> None:
+        """Upload a directory."""
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Set a run tag."""
+        self.client.set_tag(self.run_id, key, value)
+
+    def finish(self) -> None:
+        """Mark the run finished."""
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+def register_bundle(tracking_uri: str, run_id: str, model_name: str, step: int) -> int:
+    """Register the run's ``bundle`` artifact directory as a new version of ``model_name``.
+
+    The registered version's source is the sampler bundle directory (bundle.json + weights), which
+    the Serve deployment loads from ``models:/<name>/<version>``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as e:  # already exists
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT}"
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        if mv.run_id == run_id and mv.tags.get("svg_ray.step") == str(step):
+            return int(mv.version)  # idempotent: a rerun of a finished job registers nothing new
+    mv = client.create_model_version(
+        model_name, source=source, run_id=run_id, tags={"svg_ray.step": str(step)}
+    )
+    return int(mv.version)

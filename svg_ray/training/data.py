@@ -1,0 +1,97 @@
+"""Streaming the latent Parquet into Ray Train with a deterministic, resumable order.
+
+Each worker gets its own fixed set of shard files (balanced by row count) as a Ray Dataset named
+``train_<rank>``, read through ``ray.train.get_dataset_shard``. Files are read in order and
+shuffled through a seeded local buffer, so a worker's batch sequence is a function of
+(seed, epoch, rank): a restarted or resubmitted run skips the batches it already consumed and sees
+exactly the same data afterwards. Ray's dynamic ``streaming_split`` cannot promise that.
+Every worker runs ``steps_per_epoch`` steps, the minimum over workers, so DDP never hangs on an
+uneven last batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from svg_ray import storage
+from svg_ray.data import schema
+from svg_ray.data.manifest import DatasetManifest, latents_to_torch
+
+
+def shard_rows(uris: list[str]) -> list[int]:
+    """Row count of each Parquet file, from its footer (no data read)."""
+    out = []
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            out.append(pq.ParquetFile(f).metadata.num_rows)
+    return out
+
+
+def assign_files(rows: list[int], world: int) -> list[list[int]]:
+    """Split file indices into ``world`` groups of near-equal row totals (deterministic)."""
+    groups: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in sorted(range(len(rows)), key=lambda i: (-rows[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        groups[r].append(i)
+        load[r] += rows[i]
+    return [sorted(g) for g in groups]
+
+
+@dataclass
+class DataPlan:
+    """Which files each rank reads and how many steps make an epoch."""
+
+    files: list[list[str]]
+    rows: list[int]
+    steps_per_epoch: int
+
+
+def plan(manifest: DatasetManifest, root: str, world: int, per_worker_batch: int) -> DataPlan:
+    """Balance shards over ranks; fail early if any rank cannot fill one batch."""
+    uris = manifest.shard_uris(root)
+    if not uris:
+        raise ValueError(f"the dataset at {root} lists no shards in its manifest")
+    rows = shard_rows(uris)
+    groups = assign_files(rows, world)
+    per_rank = [sum(rows[i] for i in g) for g in groups]
+    steps = min(per_rank) // per_worker_batch
+    if steps < 1:
+        raise ValueError(
+            f"not enough data: {sum(rows)} rows in {len(uris)} shards give ranks {per_rank} rows, "
+            f"fewer than one batch of {per_worker_batch} per worker; lower --global-batch or "
+            "--num-workers, or precompute more images (or smaller shards)"
+        )
+    return DataPlan([[uris[i] for i in g] for g in groups], per_rank, steps)
+
+
+def rank_datasets(data_plan: DataPlan, columns: list[str]) -> dict[str, Any]:
+    """One Ray Dataset per rank (``train_<rank>``), columns pruned at the read."""
+    import ray.data
+
+    fs, _ = storage.filesystem(data_plan.files[0][0])
+    out = {}
+    for r, files in enumerate(data_plan.files):
+        paths = [storage.filesystem(u)[1] for u in files]
+        out[f"train_{r}"] = ray.data.read_parquet(paths, columns=columns, filesystem=fs)
+    return out
+
+
+def batch_to_tensors(
+    batch: dict[str, np.ndarray], dtype: str, use_flip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numpy batch -> (latents float32 (B, C, h, w), labels (B,)); picks the flipped latent for
+    a random half of the samples when flips were precomputed (h-flip augmentation)."""
+    z = latents_to_torch(batch[schema.COL_LATENT], dtype).float()
+    if use_flip and schema.COL_LATENT_FLIP in batch:
+        zf = latents_to_torch(batch[schema.COL_LATENT_FLIP], dtype).float()
+        pick = torch.rand(z.shape[0], generator=generator) < 0.5
+        z = torch.where(pick[:, None, None, None], zf, z)
+    y = torch.from_numpy(np.asarray(batch[schema.COL_LABEL]).astype(np.int64))
+    return z, y
