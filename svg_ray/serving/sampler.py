@@ -1,0 +1,228 @@
+"""The sampler behind the endpoint: load a bundle once, run batches of jobs, encode PNGs.
+
+Plain Python (no Ray), so the batching logic is tested in-process; ``serve/app.py`` wraps it in a
+deployment with ``@serve.batch``. A batch of jobs is split into groups that share every sampler
+setting (steps, integrator, shift, guidance), and each group runs as one forward pass per step
+(chunked at ``max_batch_images``). Batching cannot change an image: its noise comes from its own
+seed (``initial_noise``) and every layer of the DiT and the decoder is per-sample, so a batch
+only changes the matmul blocking, i.e. float rounding far below one grey level.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from svg_ray.checkpoint import BundleInfo, load_bundle
+from svg_ray.config import to_dict
+from svg_ray.generate import decode_tokens, generate_latents, to_uint8
+from svg_ray.models.autoencoder import SVGAutoencoder
+from svg_ray.models.dit import DIT_SIZES, DiT, count_params
+from svg_ray.serving.config import AppArgs, ServerConfig
+from svg_ray.serving.images import encode_png, grid_png
+from svg_ray.serving.schema import GenerationJob, Limits
+from svg_ray.serving.source import ModelSource, with_bundle
+
+
+@dataclass
+class JobResult:
+    """What one request gets back from the model replica."""
+
+    pngs: list[bytes]
+    """One PNG per image ('json' output) or one grid PNG ('png' output)."""
+    labels: list[int]
+    seeds: list[int]
+    settings: dict[str, Any]
+    width: int
+    height: int
+    sample_s: float = 0.0
+    """Seconds in the ODE solver for the chunks holding this job's images."""
+    decode_s: float = 0.0
+    """Seconds in the decoder for those chunks."""
+    encode_s: float = 0.0
+    """Seconds encoding this job's PNGs."""
+    batch_requests: int = 1
+    """Requests that shared this job's forward pass (1 = it ran alone)."""
+    batch_images: int = 0
+    """Images in that forward pass."""
+
+    def timing(self) -> dict[str, Any]:
+        """Timing fields for the response."""
+        return {
+            "sample_s": round(self.sample_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "encode_s": round(self.encode_s, 4),
+            "batch_requests": self.batch_requests,
+            "batch_images": self.batch_images,
+        }
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _size_name(dit: DiT) -> str:
+    c = dit.cfg
+    for name, shape in DIT_SIZES.items():
+        if (c.depth, c.width, c.heads) == (shape["depth"], shape["width"], shape["heads"]):
+            return name
+    return "custom"
+
+
+class SamplerModel:
+    """EMA DiT + decoder + latent statistics, loaded once, sampling batches of jobs."""
+
+    def __init__(
+        self,
+        dit: DiT,
+        ae: SVGAutoencoder,
+        info: BundleInfo,
+        source: ModelSource,
+        server: ServerConfig,
+        load_s: float = 0.0,
+    ) -> None:
+        """Wrap already loaded models (``load`` is the usual way in)."""
+        self.dit = dit.eval()
+        self.ae = ae.eval()
+        self.info = info
+        self.source = source
+        self.server = server
+        self.load_s = load_s
+        self.device = next(dit.parameters()).device
+        self.limits = Limits(server=server, num_classes=dit.cfg.num_classes)
+
+    @classmethod
+    def load(cls, args: AppArgs) -> SamplerModel:
+        """Load the bundle ``args.model_uri`` names onto the configured device."""
+        t0 = time.perf_counter()
+        if args.server.torch_threads:
+            torch.set_num_threads(args.server.torch_threads)
+        device = _resolve_device(args.server.device)
+        (dit, ae, info), source = with_bundle(
+            args.model_uri, lambda uri: load_bundle(uri, device), args.mlflow_tracking_uri
+        )
+        return cls(dit, ae, info, source, args.server, time.perf_counter() - t0)
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for GET /v1/model."""
+        cfg = self.dit.cfg
+        d = self.server.defaults
+        res = self.ae.cfg.resolution
+        return {
+            "model_uri": self.source.uri,
+            "location": self.source.location,
+            "registered_model": self.source.registered_model or None,
+            "step": self.info.step,
+            "num_classes": cfg.num_classes,
+            "classes": list(self.info.class_names),
+            "image_size": [res, res],
+            "dit": {
+                "size": _size_name(self.dit),
+                "params": count_params(self.dit),
+                "config": to_dict(cfg),
+            },
+            "autoencoder": {
+                "resolution": res,
+                "latent_channels": self.ae.latent_channels,
+                "dino_arch": self.ae.cfg.dino.arch,
+                "decoder_params": count_params(self.ae.decoder),
+            },
+            "defaults": {
+                "steps": d.steps,
+                "sampler": d.sampler,
+                "cfg_scale": d.cfg_scale,
+                "cfg_interval": list(d.cfg_interval),
+                "time_shift": d.time_shift,
+                "format": "json",
+            },
+            "limits": self.server.limits(),
+            "bundle": {
+                "source": self.info.source,
+                "sampler_defaults": self.info.sampler_defaults,
+            },
+            "device": str(self.device),
+            "load_s": round(self.load_s, 3),
+        }
+
+    def check(self) -> None:
+        """Raise if the replica cannot serve (Serve restarts a replica whose check fails)."""
+        if not torch.isfinite(next(self.dit.parameters())).all():
+            raise RuntimeError("DiT weights are not finite")
+
+    # ----------------------------------------------------------------------------------------
+    # Sampling
+    # ----------------------------------------------------------------------------------------
+
+    def sample_images(
+        self, jobs: list[GenerationJob]
+    ) -> tuple[list[list[np.ndarray]], list[dict[str, Any]]]:
+        """uint8 (H, W, 3) images per job, and per-job timing/batch facts."""
+        images: list[list[np.ndarray]] = [[np.empty(0)] * len(j.labels) for j in jobs]
+        stats: list[dict[str, Any]] = [
+            {"sample_s": 0.0, "decode_s": 0.0, "batch_requests": 1, "batch_images": 0} for _ in jobs
+        ]
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[job.batch_key()].append(i)
+
+        for members in groups.values():
+            rows = [(j, k) for j in members for k in range(len(jobs[j].labels))]
+            cap = self.server.max_batch_images
+            for start in range(0, len(rows), cap):
+                chunk = rows[start : start + cap]
+                in_chunk = sorted({j for j, _ in chunk})
+                labels = torch.tensor([jobs[j].labels[k] for j, k in chunk], dtype=torch.long)
+                seeds = [jobs[j].seeds[k] for j, k in chunk]
+                t0 = time.perf_counter()
+                tokens = generate_latents(self.dit, labels, seeds, jobs[chunk[0][0]].sampler)
+                self._sync()
+                t1 = time.perf_counter()
+                pixels = to_uint8(decode_tokens(self.ae, self.info.latent_stats, tokens, self.grid))
+                t2 = time.perf_counter()
+                for row, (j, k) in enumerate(chunk):
+                    images[j][k] = pixels[row].numpy()
+                for j in in_chunk:
+                    stats[j]["sample_s"] += t1 - t0
+                    stats[j]["decode_s"] += t2 - t1
+                    stats[j]["batch_requests"] = max(stats[j]["batch_requests"], len(in_chunk))
+                    stats[j]["batch_images"] = max(stats[j]["batch_images"], len(chunk))
+        return images, stats
+
+    def run(self, jobs: list[GenerationJob]) -> list[JobResult]:
+        """Sample every job (grouped into shared forward passes) and encode its PNGs."""
+        images, stats = self.sample_images(jobs)
+        out = []
+        for job, imgs, st in zip(jobs, images, stats, strict=True):
+            t0 = time.perf_counter()
+            pngs = [grid_png(imgs)] if job.output == "png" else [encode_png(x) for x in imgs]
+            h, w = imgs[0].shape[:2]
+            out.append(
+                JobResult(
+                    pngs=pngs,
+                    labels=list(job.labels),
+                    seeds=list(job.seeds),
+                    settings=job.settings(),
+                    width=w,
+                    height=h,
+                    encode_s=time.perf_counter() - t0,
+                    **st,
+                )
+            )
+        return out
+
+    @property
+    def grid(self) -> int:
+        """Latent tokens per side."""
+        return self.dit.cfg.grid
+
+    def _sync(self) -> None:
+        # CUDA runs asynchronously: without a sync the decoder would be charged the DiT's time.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

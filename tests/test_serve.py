@@ -1,0 +1,528 @@
+"""The sampler service for real: Ray Serve on the shared local Ray, called over HTTP on 127.0.0.1.
+
+One application (deployment options from serve/config_cpu.yaml, a tiny random bundle) serves
+every test in this module; the MLflow test adds a second one briefly. Also: the playground page
+in headless Chromium, a bounded load test, and autoscaling under that load. Serve is shut down
+at the end of the module; the MLflow server and Chromium are stopped by their process groups.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_serve_lib import BAD_REQUESTS, NUM_CLASSES, make_bundle
+
+from svg_ray.serving.images import decode_png
+
+pytestmark = [pytest.mark.slow]
+
+SERVE_DIR = Path(__file__).resolve().parents[1] / "serve"
+APP = "svg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(url: str, body: bytes | dict[str, Any] | None = None, method: str = "") -> Reply:
+    """One HTTP request (POST when there is a body); 4xx/5xx come back as replies."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"))
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+def images(reply: Reply) -> list[np.ndarray]:
+    assert reply.status == 200, reply.body[:500]
+    return [decode_png(base64.b64decode(s)) for s in reply.json()["images"]]
+
+
+@dataclass
+class Service:
+    base: str
+    bundle: Path
+
+
+@pytest.fixture(scope="module")
+def service(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from ray import serve
+
+    from serve.app import compose
+    from svg_ray.serving import AppArgs
+    from svg_ray.serving.deploy import load_serve_config
+
+    bundle = make_bundle(tmp_path_factory.mktemp("serve") / "bundle")
+    cfg = load_serve_config(SERVE_DIR / "config_cpu.yaml")
+    args = AppArgs.parse({**cfg.args, "model_uri": str(bundle)})
+    port = free_port()  # not 8000: other sessions on this machine may hold it
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(compose(args, cfg.deployments), name=APP, route_prefix="/")
+        yield Service(f"http://127.0.0.1:{port}", bundle)
+    finally:
+        serve.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Routes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_golden_path(service: Service) -> None:
+    r = http(service.base + "/v1/generate", {"labels": [0, 3, 9], "seed": 7, "steps": 4})
+    body = r.json()
+    imgs = images(r)
+    assert len(imgs) == 3 and all(x.shape == (64, 64, 3) for x in imgs)
+    assert body["labels"] == [0, 3, 9] and body["seeds"] == [7, 8, 9] and body["seed"] == 7
+    assert body["settings"]["steps"] == 4 and body["settings"]["sampler"] == "euler"
+    assert body["timing"]["total_s"] > 0 and body["timing"]["decode_s"] > 0
+
+    # one label + count, PNG output: one image/png, a grid for several images
+    r = http(service.base + "/v1/generate", {"label": 2, "count": 4, "seed": 1, "format": "png"})
+    assert r.status == 200 and r.headers["content-type"] == "image/png"
+    assert decode_png(r.body).shape == (2 * 64 + 2, 2 * 64 + 2, 3)
+    assert r.headers["x-seed"] == "1" and r.headers["x-images"] == "4"
+
+    # defaults: few Euler steps; no seed -> the server picks one and says which
+    r = http(service.base + "/v1/generate", {"label": 5})
+    assert r.status == 200
+    body = r.json()
+    assert body["settings"]["steps"] == 10 and body["settings"]["sampler"] == "euler"
+    again = http(service.base + "/v1/generate", {"label": 5, "seed": body["seed"]})
+    assert again.json()["images"] == body["images"]
+
+    # heun, guidance interval
+    r = http(
+        service.base + "/v1/generate",
+        {
+            "labels": [1],
+            "steps": 2,
+            "sampler": "heun",
+            "cfg_scale": 2.5,
+            "cfg_interval": [0.1, 0.9],
+        },
+    )
+    assert r.status == 200 and r.json()["settings"]["cfg_interval"] == [0.1, 0.9]
+
+
+@pytest.mark.timeout(120)
+def test_same_request_same_bytes(service: Service) -> None:
+    req = {"labels": [4, 4, 8], "seed": 123, "steps": 3, "cfg_scale": 3.0}
+    a, b = http(service.base + "/v1/generate", req), http(service.base + "/v1/generate", req)
+    assert a.json()["images"] == b.json()["images"]
+    png = {**req, "format": "png"}
+    assert (
+        http(service.base + "/v1/generate", png).body
+        == http(service.base + "/v1/generate", png).body
+    )
+    other = http(service.base + "/v1/generate", {**req, "seed": 124})
+    assert other.json()["images"] != a.json()["images"]
+
+
+@pytest.mark.timeout(120)
+def test_batching_does_not_change_a_result(service: Service) -> None:
+    """The same request alone and inside concurrent traffic gives the same images (<= 1 level)."""
+    url = service.base + "/v1/generate"
+    probe = {"labels": [1, 6], "seed": 99, "steps": 6}
+    alone = images(http(url, probe))
+    others = [{"label": i % NUM_CLASSES, "count": 2, "seed": i, "steps": 6} for i in range(11)]
+    with ThreadPoolExecutor(12) as ex:
+        replies = list(ex.map(lambda b: http(url, b), [*others[:6], probe, *others[6:]]))
+    assert all(r.status == 200 for r in replies)
+    assert max(r.json()["timing"]["batch_requests"] for r in replies) > 1, "nothing was batched"
+    batched = images(replies[6])
+    for x, y in zip(alone, batched, strict=True):
+        assert int(np.abs(x.astype(int) - y.astype(int)).max()) <= 1
+
+
+@pytest.mark.timeout(120)
+def test_bad_inputs_are_4xx_naming_the_field(service: Service) -> None:
+    url = service.base + "/v1/generate"
+    for body, status, field in BAD_REQUESTS:
+        r = http(url, body, method="POST")
+        assert r.status == status, (body[:80], r.status, r.body[:300])
+        assert r.headers["content-type"].startswith("application/json")
+        fields = [e["field"] for e in r.json()["errors"]]
+        assert field in fields, (body[:80], fields)
+    assert http(url).status == 405  # GET on a POST route
+    r = http(service.base + "/v1/nope")
+    assert r.status == 404 and "detail" in r.json()
+    # The service still works after all that.
+    assert http(url, {"labels": [1], "steps": 1}).status == 200
+
+
+@pytest.mark.timeout(120)
+def test_model_info_and_health(service: Service) -> None:
+    r = http(service.base + "/v1/model")
+    assert r.status == 200
+    info = r.json()
+    assert info["model_uri"] == str(service.bundle) and info["step"] == 1234
+    assert info["num_classes"] == NUM_CLASSES and info["classes"][0] == "digit 0"
+    assert info["dit"]["size"] == "debug" and info["dit"]["config"]["num_classes"] == NUM_CLASSES
+    assert info["defaults"]["steps"] == 10 and info["defaults"]["sampler"] == "euler"
+    assert info["limits"]["max_images_per_request"] == 16 and info["device"] == "cpu"
+    h = http(service.base + "/healthz")
+    assert h.status == 200 and h.json()["status"] == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading from the MLflow model registry
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def serve_mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real ``mlflow server`` (sqlite backend, local artifact store) on 127.0.0.1."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log = (tmp_path / "mlflow.log").open("wb")
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if http(url + "/health").status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(tmp_path / 'mlflow.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.timeout(240)
+def test_loads_mlflow_registered_model(service: Service, serve_mlflow_server: str) -> None:
+    """A bundle logged as run artifacts and registered serves the same images as the bundle."""
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from serve.app import compose
+    from svg_ray.serving import AppArgs
+
+    client = MlflowClient(tracking_uri=serve_mlflow_server, registry_uri=serve_mlflow_server)
+    exp = client.create_experiment("svg-serve-test")
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(service.bundle), artifact_path="bundle")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("svg-test")
+    mv = client.create_model_version(
+        "svg-test", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("svg-test", "prod", mv.version)
+
+    args = AppArgs.parse(
+        {"model_uri": "models:/svg-test@prod", "mlflow_tracking_uri": serve_mlflow_server}
+    )
+    small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    app = compose(
+        args, {"SVGSampler": small, "SVGIngress": {"ray_actor_options": {"num_cpus": 0.1}}}
+    )
+    serve.run(app, name="svg-mlflow", route_prefix="/mlflow")
+    try:
+        info = http(service.base + "/mlflow/v1/model").json()
+        assert info["model_uri"] == "models:/svg-test@prod"
+        reg = info["registered_model"]
+        assert reg["name"] == "svg-test" and reg["version"] == str(mv.version)
+        assert reg["run_id"] == run.info.run_id
+        assert info["step"] == 1234
+        req = {"labels": [2, 7], "seed": 3, "steps": 3, "format": "png"}
+        from_registry = http(service.base + "/mlflow/v1/generate", req)
+        from_bundle = http(service.base + "/v1/generate", req)
+        assert from_registry.status == 200 and from_registry.body == from_bundle.body
+    finally:
+        serve.delete("svg-mlflow")
+
+
+# --------------------------------------------------------------------------------------------
+# The playground in a real browser
+# --------------------------------------------------------------------------------------------
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol: commands by id, events collected."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return dict(msg.get("result", {}))
+            self.events.append(msg)
+
+    def eval(self, expr: str) -> Any:
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        return r["result"].get("value")
+
+    def wait_for(self, expr: str, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = self.eval(expr)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expr}")
+
+
+@pytest.fixture()
+def chromium(tmp_path: Path) -> Iterator[DevTools]:
+    from websockets.sync.client import connect  # comes with ray[serve] (uvicorn[standard])
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed: run scripts/install-chromium.sh")
+    profile = tmp_path / "profile"
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",  # the chosen port lands in DevToolsActivePort
+        "about:blank",
+    ]
+    log = (tmp_path / "chromium.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        pages = json.loads(http(f"http://127.0.0.1:{port}/json/list").body)
+        page = next(p for p in pages if p["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            yield DevTools(ws)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the browser and its helper processes
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.timeout(180)
+def test_playground_generates_in_chromium(service: Service, chromium: DevTools) -> None:
+    chromium.call("Network.enable")
+    chromium.call("Runtime.enable")
+    chromium.call("Page.enable")
+    chromium.call("Page.navigate", url=service.base + "/")
+    # The page fills the class list from /v1/model; then choose 2 classes x 2 images, 3 steps.
+    chromium.wait_for("document.querySelectorAll('.cls').length === 10", 60)
+    chromium.eval(
+        "document.querySelectorAll('.cls').forEach((c, i) => { c.checked = i === 2 || i === 5; });"
+        "document.getElementById('steps').value = 3; document.getElementById('count').value = 2;"
+        "document.getElementById('seed').value = 17;"
+    )
+    chromium.eval("document.getElementById('generate').click()")
+    width = chromium.wait_for(
+        "(() => { const i = document.getElementById('result');"
+        " return i.complete && i.naturalWidth > 0 ? i.naturalWidth : 0; })()",
+        60,
+    )
+    assert width == 2 * 64 + 2  # a 2 x 2 grid of 64 px images with 2 px gaps
+    status = chromium.eval("document.getElementById('status').textContent")
+    assert "4 images in" in status and "ms" in status, status
+    # No external assets: every request the page made went to the service.
+    urls = [
+        e["params"]["request"]["url"]
+        for e in chromium.events
+        if e.get("method") == "Network.requestWillBeSent"
+    ]
+    assert urls and all(u.startswith((service.base, "blob:", "data:")) for u in urls), urls
+    errors = [e for e in chromium.events if e.get("method") == "Runtime.exceptionThrown"]
+    assert not errors, errors
+
+
+# --------------------------------------------------------------------------------------------
+# Load and autoscaling (last: it leaves two replicas running)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_load_no_5xx_and_autoscaling_adds_a_replica(service: Service) -> None:
+    """A fixed number of requests at concurrency 8 within a time limit: no 5xx, latency
+    percentiles reported, and the CPU config's autoscaler goes from 1 to 2 sampler replicas."""
+    from ray import serve
+
+    def replicas() -> dict[str, int]:
+        states = serve.status().applications[APP].deployments["SVGSampler"].replica_states
+        return {str(k): int(v) for k, v in states.items()}
+
+    n_requests, concurrency, time_limit_s = 120, 8, 120.0
+    seen: list[dict[str, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(replicas())
+            time.sleep(0.5)
+
+    url = service.base + "/v1/generate"
+
+    def one(i: int) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = http(
+            url, {"label": i % NUM_CLASSES, "count": 4, "steps": 25, "sampler": "heun", "seed": i}
+        )
+        return r.status, time.perf_counter() - t0
+
+    assert replicas().get("RUNNING") == 1
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(concurrency) as ex:
+            results = list(ex.map(one, range(n_requests)))
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    wall = time.perf_counter() - t0
+
+    statuses = [s for s, _ in results]
+    lat = np.array([t for _, t in results])
+    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+    print(
+        f"\nload: {n_requests} requests x 4 images, concurrency {concurrency}: {wall:.1f} s, "
+        f"{n_requests / wall:.1f} req/s, p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s; "
+        f"replicas seen {sorted({json.dumps(s, sort_keys=True) for s in seen})}"
+    )
+    assert len(results) == n_requests
+    assert not [s for s in statuses if s >= 500], statuses
+    assert all(s == 200 for s in statuses)
+    assert wall < time_limit_s
+
+    # Upscaling was decided under load; the new replica may still be loading its model.
+    assert max(sum(s.values()) for s in seen) >= 2, seen
+    deadline = time.monotonic() + 60
+    while replicas().get("RUNNING", 0) < 2:
+        assert time.monotonic() < deadline, replicas()
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(180)
+def test_killed_replica_is_replaced_and_others_keep_serving(service: Service) -> None:
+    """Kill one of the two sampler replicas under load: Serve starts a new one; only requests
+    that were inside the killed replica may fail, the rest are served."""
+    import ray
+    from ray import serve
+
+    prefix = f"SERVE_REPLICA::{APP}#SVGSampler#"
+
+    def replica_names() -> set[str]:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return {a["name"] for a in actors if a["name"].startswith(prefix)}
+
+    def running() -> int:
+        states = serve.status().applications[APP].deployments["SVGSampler"].replica_states
+        return int(states.get("RUNNING", 0))
+
+    before = replica_names()
+    assert len(before) >= 2, before  # the load test above left two replicas
+    victim = sorted(before)[0]
+    url = service.base + "/v1/generate"
+    body = {"label": 1, "count": 4, "steps": 25, "sampler": "heun"}
+
+    def one(i: int) -> int:
+        return http(url, {**body, "seed": i}).status
+
+    with ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(one, i) for i in range(60)]
+        time.sleep(1.0)  # let requests spread over both replicas
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        statuses = [f.result(timeout=120) for f in futures]
+
+    failed = [s for s in statuses if s != 200]
+    print(
+        f"\nkilled a replica under load: {len(failed)} of {len(statuses)} requests failed {failed}"
+    )
+    max_in_replica = 4  # config_cpu.yaml: max_ongoing_requests of SVGSampler
+    assert len(failed) <= max_in_replica, statuses
+    assert all(s == 503 for s in failed)  # lost with the replica: "retry", not a hang or a 500
+    deadline = time.monotonic() + 90
+    while not (victim not in replica_names() and running() >= 2):
+        assert time.monotonic() < deadline, (replica_names(), running())
+        time.sleep(0.5)
+    assert replica_names() - before, "no replacement replica was started"
+    assert all(one(i) == 200 for i in range(4))
