@@ -36,20 +36,22 @@ class DemoConfig:
 
     out_dir: str = "outputs/demo"
     """Where the grid, reconstructions, bundle and summary go."""
-    ae_steps: int = 300
+    ae_steps: int = 200
     """Autoencoder steps (residual encoder + decoder)."""
+    ae_batch: int = 32
+    """Autoencoder batch size."""
     ae_lr: float = 5e-4
     """Autoencoder Adam learning rate (higher than the paper's 1e-4 to converge in minutes)."""
-    dit_steps: int = 2000
+    dit_steps: int = 1500
     """Diffusion steps."""
+    dit_batch: int = 64
+    """Diffusion batch size."""
     dit_lr: float = 1e-3
     """DiT AdamW learning rate."""
     dit_depth: int = 4
     """Debug DiT depth."""
     dit_width: int = 192
     """Debug DiT width."""
-    batch_size: int = 64
-    """Batch size for both stages."""
     ema_decay: float = 0.995
     """EMA decay (short run, so far below the paper's 0.9999)."""
     sample_steps: int = 25
@@ -85,7 +87,7 @@ def run(cfg: DemoConfig) -> dict:
     opt = torch.optim.Adam(ae.trainable_parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9))
     ae.train()
     for step in range(1, cfg.ae_steps + 1):
-        idx = torch.randint(0, n, (cfg.batch_size,))
+        idx = torch.randint(0, n, (cfg.ae_batch,))
         x = images[idx]
         loss = (ae(x) - x).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -123,7 +125,7 @@ def run(cfg: DemoConfig) -> dict:
     _log(f"DiT debug: {count_params(dit) / 1e6:.2f}M params", t0)
     dit.train()
     for step in range(1, cfg.dit_steps + 1):
-        idx = torch.randint(0, n, (cfg.batch_size,))
+        idx = torch.randint(0, n, (cfg.dit_batch,))
         loss = flow(dit, tokens[idx], labels[idx])
         dopt.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,7 +18,7 @@ from svg_ray.checkpoint import load_bundle
 def test_demo_writes_grid_and_bundle(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "svg_ray.cli", "demo", "--out-dir", str(out)]
-    cmd += ["--ae-steps", "20", "--dit-steps", "40", "--sample-steps", "4", "--batch-size", "16"]
+    cmd += ["--ae-steps", "10", "--dit-steps", "40", "--sample-steps", "4", "--ae-batch", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sample grid:" in proc.stdout

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -28,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from procs import stop_process_group
 from test_serve_lib import BAD_REQUESTS, NUM_CLASSES, make_bundle
 
 from svg_ray.serving.images import decode_png
@@ -205,56 +203,8 @@ def test_model_info_and_health(service: Service) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def serve_mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A real ``mlflow server`` (sqlite backend, local artifact store) on 127.0.0.1."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = (tmp_path / "mlflow.log").open("wb")
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if http(url + "/health").status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(tmp_path / 'mlflow.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-
-
 @pytest.mark.timeout(240)
-def test_loads_mlflow_registered_model(service: Service, serve_mlflow_server: str) -> None:
+def test_loads_mlflow_registered_model(service: Service, mlflow_server: str) -> None:
     """A bundle logged as run artifacts and registered serves the same images as the bundle."""
     from mlflow import MlflowClient
     from ray import serve
@@ -262,7 +212,7 @@ def test_loads_mlflow_registered_model(service: Service, serve_mlflow_server: st
     from serve.app import compose
     from svg_ray.serving import AppArgs
 
-    client = MlflowClient(tracking_uri=serve_mlflow_server, registry_uri=serve_mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     exp = client.create_experiment("svg-serve-test")
     run = client.create_run(exp)
     client.log_artifacts(run.info.run_id, str(service.bundle), artifact_path="bundle")
@@ -274,7 +224,7 @@ def test_loads_mlflow_registered_model(service: Service, serve_mlflow_server: st
     client.set_registered_model_alias("svg-test", "prod", mv.version)
 
     args = AppArgs.parse(
-        {"model_uri": "models:/svg-test@prod", "mlflow_tracking_uri": serve_mlflow_server}
+        {"model_uri": "models:/svg-test@prod", "mlflow_tracking_uri": mlflow_server}
     )
     small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     app = compose(
@@ -373,12 +323,7 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
         with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
             yield DevTools(ws)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the browser and its helper processes
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)  # the browser and its helper processes
         log.close()
 
 
