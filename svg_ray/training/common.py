@@ -7,7 +7,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +50,7 @@ class RunSettings:
     @property
     def storage_uri(self) -> str:
         """Absolute local path or the s3:// prefix."""
-        if storage.is_s3(self.storage_path):
-            return self.storage_path.rstrip("/")
-        return str(Path(self.storage_path).expanduser().resolve())
+        return storage.absolute(self.storage_path).rstrip("/")
 
     @property
     def run_uri(self) -> str:

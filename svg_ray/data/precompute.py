@@ -1,0 +1,896 @@
+"""Precompute SVG latents once with Ray Data: images -> DINO + residual latents -> Parquet.
+
+The input list is sorted and cut into deterministic *chunks* of ``rows_per_shard`` images; a
+chunk is the unit of work, of output and of resume:
+
+    chunk specs --DecodeChunk (CPU actors)--> uint8 crops --EncodeChunk (GPU/CPU actors)-->
+    latents + moments --WriteChunk (I/O actors)--> shards/part-NNNNNN.parquet + chunks/*.json
+
+A chunk is committed when its record ``chunks/chunk-NNNNNN.json`` exists; the record is written
+after the shard, and both names derive from the chunk index, so a killed job rerun with the same
+settings skips committed chunks and overwrites half-written ones: exactly one row per input, none
+missing, none duplicated. Ray's own ``write_parquet`` names files randomly per run, which would
+duplicate rows on a rerun, hence the explicit writer. ``manifest.json`` is written last, from the
+chunk records (row counts, skipped inputs, per-channel moments), never from Ray's in-memory state.
+
+Why one row per chunk between stages: the three stages must agree on chunk boundaries, which
+Ray's block splitting and coalescing do not preserve for per-image rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from svg_ray import storage
+from svg_ray.config import ConfigError, require
+from svg_ray.data import schema
+from svg_ray.data.images import DEFAULT_MAX_PIXELS, prepare_image, to_model_input
+from svg_ray.data.manifest import (
+    DatasetManifest,
+    SkippedInput,
+    latents_to_numpy,
+    latents_to_torch,
+)
+from svg_ray.data.stats import ChannelMoments
+
+log = logging.getLogger(__name__)
+
+JOB_FORMAT = "svg-ray-precompute-job/1"
+TMP_DIR = "_tmp"
+"""Local staging folder for shards being written (renamed into shards/ when complete)."""
+STORAGE_NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16}
+"""numpy dtype of the stored latents (bf16 as its uint16 bit pattern; numpy has no bf16)."""
+ROW_GROUP_BYTES = 32 << 20
+"""Target Parquet row-group size: big enough for S3 throughput, small enough to stream."""
+
+
+class PrecomputeError(RuntimeError):
+    """The job cannot run as configured (missing input, foreign output folder, ...)."""
+
+
+@dataclass
+class PrecomputeConfig:
+    """Settings of the precompute job (the CLI flags are these field names)."""
+
+    input: str
+    """Image folder tree (<root>/<class>/<image>) or Parquet file/folder; local path or s3://."""
+    out: str
+    """Dataset root to write (local path or s3://); shards/, chunks/ and manifest.json go here."""
+    autoencoder: str
+    """SVG autoencoder checkpoint (local path or s3://), from ``save_autoencoder``."""
+    input_format: Literal["auto", "folder", "parquet"] = "auto"
+    """'auto': Parquet when the input is a .parquet file or a folder of them, else a folder tree."""
+    image_column: str = schema.COL_IMAGE
+    """Parquet input: column of encoded image bytes (binary, or a struct with a 'bytes' field)."""
+    label_column: str = schema.COL_LABEL
+    """Parquet input: label column (integers used as-is, strings mapped by sorted name)."""
+    id_column: str = ""
+    """Parquet input: unique id column ('' = '<file>:<row>')."""
+    resolution: int = 0
+    """Crop size in pixels (0 = the autoencoder's; any other value must equal it)."""
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    """Storage dtype of the latents."""
+    flip: bool = False
+    """Also store the latent of the horizontally flipped image (column latent_flip)."""
+    rows_per_shard: int = 1024
+    """Images per chunk = rows per Parquet file (fewer when inputs are skipped); the resume unit."""
+    batch_size: int = 64
+    """Encoder batch size inside a chunk."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more decoded pixels (W*H) are skipped (decompression-bomb guard)."""
+    limit: int = 0
+    """Use only the first N inputs in sorted order (0 = all)."""
+    decoders: int = 2
+    """Most decode actors (the pool scales between 1 and this)."""
+    decode_cpus: float = 1.0
+    """CPUs per decode actor."""
+    encoders: int = 1
+    """Encode actors (one per GPU on a cluster)."""
+    encode_cpus: float = 1.0
+    """CPUs per encode actor."""
+    encode_gpus: float = 0.0
+    """GPUs per encode actor (0 = encode on CPU)."""
+    writers: int = 1
+    """Most writer actors (I/O bound)."""
+    write_cpus: float = 0.25
+    """CPUs per writer actor (it mostly waits on storage)."""
+    torch_threads: int = 0
+    """torch intra-op threads per encode actor (0 = max(1, encode_cpus))."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.input), "precompute.input must name an image folder or Parquet input")
+        require(bool(self.out), "precompute.out must name the output dataset root")
+        require(bool(self.autoencoder), "precompute.autoencoder must name an AE checkpoint")
+        # The manifest records these; training may run from another working directory.
+        self.input = storage.absolute(self.input)
+        self.out = storage.absolute(self.out)
+        self.autoencoder = storage.absolute(self.autoencoder)
+        require(self.input_format in ("auto", "folder", "parquet"), "bad precompute.input_format")
+        require(self.dtype in ("float16", "bfloat16"), "precompute.dtype: float16 or bfloat16")
+        require(self.resolution >= 0, "precompute.resolution must be >= 0")
+        require(self.rows_per_shard >= 1, "precompute.rows_per_shard must be >= 1")
+        require(self.batch_size >= 1, "precompute.batch_size must be >= 1")
+        require(self.max_pixels >= 1, "precompute.max_pixels must be >= 1")
+        require(self.limit >= 0, "precompute.limit must be >= 0")
+        require(
+            min(self.decoders, self.encoders, self.writers) >= 1,
+            "precompute.decoders/encoders/writers must be >= 1",
+        )
+        require(self.decode_cpus > 0 and self.encode_cpus > 0, "decode/encode cpus must be > 0")
+        require(self.write_cpus >= 0 and self.encode_gpus >= 0, "cpus/gpus must be >= 0")
+        require(self.torch_threads >= 0, "precompute.torch_threads must be >= 0")
+        require(
+            storage.join(self.out, "") != storage.join(self.input, ""),
+            "precompute.out must differ from precompute.input",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: list inputs, map classes, cut chunks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputPlan:
+    """The sorted input list and everything derived from it."""
+
+    source_format: str
+    """'folder' or 'parquet'."""
+    ids: list[str]
+    """Unique image ids, in processing order."""
+    labels: list[int]
+    """Label index per id."""
+    sources: list[Any]
+    """Per id: a file URI (folder) or [parquet file URI, row] (parquet)."""
+    class_names: list[str]
+    """Label index -> class name."""
+
+    def fingerprint(self) -> str:
+        """sha256 of the (id, label) list: a changed input set changes the chunking."""
+        h = hashlib.sha256()
+        for i, y in zip(self.ids, self.labels, strict=True):
+            h.update(f"{i}\t{y}\n".encode())
+        return h.hexdigest()
+
+
+def _full_uri(root_uri: str, fs_path: str) -> str:
+    """A pyarrow filesystem path back to a URI of the same kind as ``root_uri``."""
+    return f"s3://{fs_path}" if storage.is_s3(root_uri) else fs_path
+
+
+def _list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(fs, root path, sorted file paths below root) skipping hidden names; errors if missing."""
+    fs, root = storage.filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise PrecomputeError(f"input not found: {uri} (--input)")
+    if info.type == pafs.FileType.File:
+        return fs, root, [root]
+    files = []
+    for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = fi.path[len(root) :].lstrip("/")
+        if fi.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
+            files.append(fi.path)
+    return fs, root, sorted(files)
+
+
+def detect_format(uri: str) -> str:
+    """'parquet' for a .parquet file or a folder holding only .parquet files, else 'folder'."""
+    _, _, files = _list_files(uri)
+    if files and all(f.endswith(".parquet") for f in files):
+        return "parquet"
+    return "folder"
+
+
+def plan_folder(uri: str) -> InputPlan:
+    """ImageNet-style tree <root>/<class>/.../<file>: ids are relative paths, classes sorted."""
+    _, root, files = _list_files(uri)
+    rel = [f[len(root) :].lstrip("/") for f in files]
+    keep = [(r, f) for r, f in zip(rel, files, strict=True) if "/" in r]
+    if len(keep) < len(rel):
+        n_loose = len(rel) - len(keep)
+        log.warning("ignoring %d file(s) directly under %s (not in a class folder)", n_loose, uri)
+    if not keep:
+        raise PrecomputeError(
+            f"no images found under {uri}: expected <root>/<class_name>/<image files> (--input)"
+        )
+    class_names = sorted({r.split("/", 1)[0] for r, _ in keep})
+    index = {c: i for i, c in enumerate(class_names)}
+    return InputPlan(
+        source_format="folder",
+        ids=[r for r, _ in keep],
+        labels=[index[r.split("/", 1)[0]] for r, _ in keep],
+        sources=[_full_uri(uri, f) for _, f in keep],
+        class_names=class_names,
+    )
+
+
+def plan_parquet(uri: str, image_column: str, label_column: str, id_column: str) -> InputPlan:
+    """Parquet rows of encoded images: read labels (and ids) only, never the image bytes."""
+    fs, root, files = _list_files(uri)
+    files = [f for f in files if f.endswith(".parquet")]
+    if not files:
+        raise PrecomputeError(f"no .parquet files under {uri} (--input)")
+    ids: list[str] = []
+    raw_labels: list[Any] = []
+    sources: list[Any] = []
+    for path in files:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            need = [image_column, label_column] + ([id_column] if id_column else [])
+            missing = [c for c in need if c not in names]
+            if missing:
+                raise PrecomputeError(
+                    f"parquet input {_full_uri(uri, path)} lacks column(s) {missing} "
+                    f"(has {names}); set --image-column/--label-column/--id-column"
+                )
+            cols = [label_column] + ([id_column] if id_column else [])
+            table = pf.read(columns=cols)
+        labels = table.column(label_column).to_pylist()
+        if any(y is None for y in labels):
+            raise PrecomputeError(f"{_full_uri(uri, path)}: column {label_column!r} has nulls")
+        rel = path[len(root) :].lstrip("/") or os.path.basename(path)
+        file_ids = (
+            [str(v) for v in table.column(id_column).to_pylist()]
+            if id_column
+            else [f"{rel}:{r}" for r in range(table.num_rows)]
+        )
+        ids += file_ids
+        raw_labels += labels
+        sources += [[_full_uri(uri, path), r] for r in range(table.num_rows)]
+    if len(set(ids)) != len(ids):
+        raise PrecomputeError(f"ids in {uri} are not unique (--id-column {id_column!r})")
+    if all(isinstance(y, str) for y in raw_labels):
+        class_names = sorted(set(raw_labels))
+        index = {c: i for i, c in enumerate(class_names)}
+        labels_int = [index[y] for y in raw_labels]
+    elif all(isinstance(y, int) and not isinstance(y, bool) for y in raw_labels):
+        if min(raw_labels) < 0:
+            raise PrecomputeError(f"{uri}: negative labels in column {label_column!r}")
+        labels_int = [int(y) for y in raw_labels]
+        class_names = [str(i) for i in range(max(labels_int) + 1)]
+    else:
+        raise PrecomputeError(f"{uri}: column {label_column!r} must hold integers or strings")
+    return InputPlan("parquet", ids, labels_int, sources, class_names)
+
+
+def plan_inputs(cfg: PrecomputeConfig) -> InputPlan:
+    """List and label the inputs in deterministic order (honouring ``limit``)."""
+    fmt = detect_format(cfg.input) if cfg.input_format == "auto" else cfg.input_format
+    if fmt == "parquet":
+        plan = plan_parquet(cfg.input, cfg.image_column, cfg.label_column, cfg.id_column)
+    else:
+        plan = plan_folder(cfg.input)
+    if cfg.limit:
+        n = cfg.limit
+        plan = InputPlan(fmt, plan.ids[:n], plan.labels[:n], plan.sources[:n], plan.class_names)
+    return plan
+
+
+@dataclass
+class Chunk:
+    """A contiguous slice of the plan: the unit of work, output file and resume."""
+
+    index: int
+    ids: list[str]
+    labels: list[int]
+    sources: list[Any]
+
+    def spec(self, source_format: str, image_column: str) -> str:
+        """JSON handed to the decode stage (one Ray row per chunk)."""
+        return json.dumps(
+            {
+                "chunk": self.index,
+                "format": source_format,
+                "image_column": image_column,
+                "ids": self.ids,
+                "labels": self.labels,
+                "sources": self.sources,
+            }
+        )
+
+
+def make_chunks(plan: InputPlan, rows_per_shard: int) -> list[Chunk]:
+    """Cut the plan into chunks of ``rows_per_shard`` (the last may be shorter)."""
+    return [
+        Chunk(
+            i // rows_per_shard,
+            plan.ids[i : i + rows_per_shard],
+            plan.labels[i : i + rows_per_shard],
+            plan.sources[i : i + rows_per_shard],
+        )
+        for i in range(0, len(plan.ids), rows_per_shard)
+    ]
+
+
+def shard_name(chunk: int) -> str:
+    """Shard path relative to the dataset root."""
+    return f"{schema.SHARDS_DIR}/part-{chunk:06d}.parquet"
+
+
+def record_name(chunk: int) -> str:
+    """Chunk commit record path relative to the dataset root."""
+    return f"{schema.CHUNKS_DIR}/chunk-{chunk:06d}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data stages (stateful callables: dict[str, np.ndarray] -> dict[str, np.ndarray])
+# --------------------------------------------------------------------------------------------
+
+
+def _one(batch: dict[str, np.ndarray], key: str) -> Any:
+    """The single row's value of ``key`` (stages run with batch_size=1: one chunk per call)."""
+    col = batch[key]
+    if len(col) != 1:
+        raise ValueError(f"expected one chunk per batch, got {len(col)} (use batch_size=1)")
+    return col[0]
+
+
+def _read_parquet_images(
+    fs: pafs.FileSystem, path: str, rows: list[int], column: str
+) -> list[bytes | None]:
+    """Image bytes of ``rows`` of one Parquet file, reading only the row groups that hold them."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        md = pf.metadata
+        starts = [0]
+        for g in range(md.num_row_groups):
+            starts.append(starts[-1] + md.row_group(g).num_rows)
+        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
+        col = pf.read_row_groups(groups, columns=[column]).column(column).combine_chunks()
+    if pa.types.is_struct(col.type):  # Hugging Face datasets store {"bytes", "path"}
+        col = col.field("bytes")
+    values = col.to_pylist()
+    base: dict[int, int] = {}  # row group -> its first position in ``values``
+    for g in groups:
+        base[g] = sum(starts[x + 1] - starts[x] for x in base)
+    out = []
+    for r in rows:
+        g = bisect.bisect_right(starts, r) - 1
+        out.append(values[base[g] + r - starts[g]])
+    return out
+
+
+class DecodeChunk:
+    """Stage 1 (CPU): read a chunk's image bytes, decode, ADM-crop; bad files become reasons."""
+
+    def __init__(self, resolution: int, max_pixels: int, io_threads: int = 8) -> None:
+        """One storage client and I/O thread pool per actor, reused for every chunk."""
+        self.resolution = resolution
+        self.max_pixels = max_pixels
+        self.pool = ThreadPoolExecutor(io_threads)  # S3 GETs are latency-bound: overlap them
+        self._fs: dict[bool, pafs.FileSystem] = {}
+
+    def _filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """(cached filesystem, path) for a source URI: creating an S3 client per file is slow."""
+        s3 = storage.is_s3(uri)
+        if s3 not in self._fs:
+            self._fs[s3] = storage.filesystem(uri)[0]
+        return self._fs[s3], (uri[len("s3://") :] if s3 else uri)
+
+    def _fetch(self, spec: dict[str, Any]) -> list[bytes | str | None]:
+        """Raw bytes per item, or a reason string when the file cannot be read."""
+        if spec["format"] == "parquet":
+            out: list[bytes | str | None] = [None] * len(spec["sources"])
+            by_file: dict[str, list[int]] = {}
+            for k, (uri, _) in enumerate(spec["sources"]):
+                by_file.setdefault(uri, []).append(k)
+            for uri, ks in by_file.items():
+                fs, path = self._filesystem(uri)
+                rows = [int(spec["sources"][k][1]) for k in ks]
+                values = _read_parquet_images(fs, path, rows, spec["image_column"])
+                for k, v in zip(ks, values, strict=True):
+                    out[k] = v if v is not None else "no image bytes (null)"
+            return out
+
+        def read(uri: str) -> bytes | str:
+            try:
+                fs, path = self._filesystem(uri)
+                with fs.open_input_stream(path) as f:
+                    return f.read()
+            except Exception as e:  # a vanished or unreadable file is one skipped input
+                return f"unreadable: {type(e).__name__}: {e}"
+
+        return list(self.pool.map(read, spec["sources"]))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One chunk spec -> one row: ok ids/labels, uint8 crops (n, R, R, 3), skipped list."""
+        spec = json.loads(_one(batch, "spec"))
+        t0 = time.perf_counter()
+        ids, labels, images, skipped = [], [], [], []
+        raw = self._fetch(spec)
+        for item_id, label, data in zip(spec["ids"], spec["labels"], raw, strict=True):
+            if isinstance(data, str):
+                res: np.ndarray | str = data
+            else:
+                res = prepare_image(data or b"", self.resolution, self.max_pixels)
+            if isinstance(res, str):
+                skipped.append([item_id, res])
+                continue
+            ids.append(item_id)
+            labels.append(label)
+            images.append(res)
+        r = self.resolution
+        stacked = np.stack(images) if images else np.zeros((0, r, r, 3), np.uint8)
+        return {
+            "chunk": np.array([spec["chunk"]], np.int64),
+            "expected": np.array([len(spec["ids"])], np.int64),
+            "ids": np.array([json.dumps(ids)]),
+            "labels": np.array(labels, np.int64)[None],
+            "images": stacked[None],
+            "skipped": np.array([json.dumps(skipped)]),
+            "decode_s": np.array([time.perf_counter() - t0]),
+        }
+
+
+class EncodeChunk:
+    """Stage 2 (GPU or CPU actor pool): the autoencoder, loaded once per actor, encodes a chunk."""
+
+    def __init__(
+        self, autoencoder: str, batch_size: int, dtype: str, flip: bool, device: str, threads: int
+    ) -> None:
+        """Load the checkpoint in eval mode (running alignment stats: deterministic latents)."""
+        from svg_ray.checkpoint import load_autoencoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("encode_gpus > 0 but this Ray worker sees no CUDA device")
+        self.device = torch.device(device)
+        self.ae = load_autoencoder(autoencoder, self.device)
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.flip = flip
+
+    @torch.inference_mode()
+    def _encode(self, images: np.ndarray, flip: bool) -> np.ndarray:
+        """uint8 (n, R, R, 3) -> stored latents (n, C, h, w) in the storage dtype."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            # uint8 to the device, then convert there: 4x less host-to-GPU traffic than float.
+            u8 = torch.from_numpy(images[i : i + self.batch_size]).to(self.device)
+            x = to_model_input(u8)  # (B, 3, R, R) in [-1, 1]
+            if flip:
+                x = x.flip(-1)
+            out.append(latents_to_numpy(self.ae.encode(x), self.dtype))  # (B, C, h, w)
+        if not out:
+            return np.zeros((0, *self.ae.latent_shape), STORAGE_NUMPY_DTYPE[self.dtype])
+        return np.concatenate(out)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decoded chunk -> latents (+ flips) and the per-channel moments of what is stored."""
+        t0 = time.perf_counter()
+        images = np.array(_one(batch, "images"))  # writable copy: Ray's views are read-only
+        latents = self._encode(images, flip=False)
+        # Statistics of the stored (rounded) values, pooled over flips too: that is exactly
+        # the distribution training samples from.
+        moments = ChannelMoments.zeros(self.ae.latent_channels)
+        columns = {schema.COL_LATENT: latents}
+        if self.flip:
+            columns[schema.COL_LATENT_FLIP] = self._encode(images, flip=True)
+        for arr in columns.values():
+            if len(arr):
+                moments = moments.merge(
+                    ChannelMoments.of(latents_to_torch(arr, self.dtype).float())
+                )
+        out = {k: batch[k] for k in ("chunk", "expected", "ids", "labels", "skipped", "decode_s")}
+        out.update({k: v[None] for k, v in columns.items()})
+        out["count"] = np.array([moments.count], np.int64)
+        out["total"] = moments.total[None]
+        out["total_sq"] = moments.total_sq[None]
+        out["encode_s"] = np.array([time.perf_counter() - t0])
+        return out
+
+
+class WriteChunk:
+    """Stage 3 (I/O actors): write the chunk's shard, then its commit record."""
+
+    def __init__(self, out: str, dtype: str, flip: bool) -> None:
+        """Keep one filesystem client per actor."""
+        self.out = out
+        self.fs, self.root = storage.filesystem(out)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.dtype = dtype
+        self.flip = flip
+
+    def _table(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids = json.loads(_one(batch, "ids"))
+        cols: dict[str, Any] = {
+            schema.COL_ID: pa.array(ids, pa.string()),
+            schema.COL_LABEL: pa.array(np.asarray(_one(batch, "labels")), pa.int64()),
+        }
+        names = [schema.COL_LATENT, schema.COL_LATENT_FLIP] if self.flip else [schema.COL_LATENT]
+        for col in names:
+            arr = np.ascontiguousarray(_one(batch, col))  # (n, C, h, w)
+            # Arrow's canonical fixed-shape tensor: Ray Data reads it back as (B, C, h, w).
+            cols[col] = pa.FixedShapeTensorArray.from_numpy_ndarray(arr)
+        table = pa.table(cols)
+        meta = {b"svg_ray.latent_dtype": self.dtype.encode()}
+        return table.replace_schema_metadata(meta)
+
+    def _write_shard(self, table: pa.Table, rel: str) -> int:
+        """Write atomically: local via a staging file + rename; S3 objects appear only when the
+        (multipart) upload completes. Returns the file size."""
+        final = f"{self.root}/{rel}"
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        opts: dict[str, Any] = {
+            # fp16 latents are noise to a compressor: store them raw (bytes/row ~ tensor size).
+            "compression": {
+                c: ("zstd" if c == schema.COL_ID else "none") for c in table.column_names
+            },
+            "use_dictionary": False,
+            "write_statistics": [schema.COL_ID, schema.COL_LABEL],
+            "row_group_size": max(1, ROW_GROUP_BYTES // row_bytes),
+        }
+        if self.local:
+            tmp = f"{self.root}/{TMP_DIR}/{os.path.basename(rel)}.{uuid.uuid4().hex}"
+            self.fs.create_dir(os.path.dirname(tmp), recursive=True)
+            self.fs.create_dir(os.path.dirname(final), recursive=True)
+            pq.write_table(table, tmp, filesystem=self.fs, **opts)
+            self.fs.move(tmp, final)
+        else:
+            with self.fs.open_output_stream(final) as f:
+                pq.write_table(table, f, **opts)
+        return int(self.fs.get_file_info(final).size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encoded chunk -> files; returns a one-row summary."""
+        t0 = time.perf_counter()
+        chunk = int(_one(batch, "chunk"))
+        rows = len(json.loads(_one(batch, "ids")))
+        rel: str | None = None
+        size = 0
+        if rows:  # an all-bad chunk writes no (empty) shard, only its record
+            rel = shard_name(chunk)
+            size = self._write_shard(self._table(batch), rel)
+        skipped = json.loads(_one(batch, "skipped"))
+        write_s = time.perf_counter() - t0
+        record = {
+            "chunk": chunk,
+            "expected": int(_one(batch, "expected")),
+            "rows": rows,
+            "shard": rel,
+            "bytes": size,
+            "skipped": skipped,
+            "moments": {
+                "count": int(_one(batch, "count")),
+                "total": np.asarray(_one(batch, "total"), np.float64).tolist(),
+                "total_sq": np.asarray(_one(batch, "total_sq"), np.float64).tolist(),
+            },
+            "seconds": {
+                "decode": float(_one(batch, "decode_s")),
+                "encode": float(_one(batch, "encode_s")),
+                "write": write_s,
+            },
+        }
+        delay = float(os.environ.get("SVG_RAY_TEST_WRITE_DELAY_S", "0") or 0)
+        if delay:  # tests only: widen the window in which a kill lands mid-job
+            time.sleep(delay)
+        # The record is the commit: written after the shard, so its presence means "done".
+        storage.write_json(storage.join(self.out, record_name(chunk)), record)
+        return {
+            "chunk": np.array([chunk], np.int64),
+            "rows": np.array([rows], np.int64),
+            "skipped": np.array([len(skipped)], np.int64),
+            "bytes": np.array([size], np.int64),
+            "decode_s": batch["decode_s"],
+            "encode_s": batch["encode_s"],
+            "write_s": np.array([write_s]),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrecomputeResult:
+    """What a run did."""
+
+    manifest: DatasetManifest
+    inputs: int
+    """Inputs in the plan (rows + skipped)."""
+    chunks_total: int
+    chunks_run: int
+    """Chunks processed in this run (the rest were already committed)."""
+    images_run: int
+    """Inputs processed in this run."""
+    seconds: float
+    """Wall time of this run, planning to manifest."""
+    out: str = ""
+    """The dataset root written."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Summed busy time per stage in this run (decode / encode / write, across actors)."""
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of this run."""
+        return self.images_run / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        """The final one-line summary."""
+        m = self.manifest
+        return (
+            f"precompute: {self.inputs} images, {m.num_rows} encoded, {m.num_skipped} skipped; "
+            f"this run {self.images_run} images in {self.seconds:.1f} s = "
+            f"{self.images_per_s:.1f} images/s ({self.chunks_total - self.chunks_run} of "
+            f"{self.chunks_total} chunks already done); {m.bytes_per_row / 1024:.1f} KiB/row "
+            f"-> {self.out}"
+        )
+
+
+def _job_fingerprint(
+    cfg: PrecomputeConfig, plan: InputPlan, ae_id: str, resolution: int
+) -> dict[str, Any]:
+    """Settings that determine the output bytes: a rerun must match them exactly."""
+    return {
+        "format": JOB_FORMAT,
+        "autoencoder_id": ae_id,
+        "resolution": resolution,
+        "dtype": cfg.dtype,
+        "flip": cfg.flip,
+        "rows_per_shard": cfg.rows_per_shard,
+        "max_pixels": cfg.max_pixels,
+        "source_uri": cfg.input,
+        "source_format": plan.source_format,
+        "image_column": cfg.image_column if plan.source_format == "parquet" else "",
+        "num_inputs": len(plan.ids),
+        "inputs_sha256": plan.fingerprint(),
+    }
+
+
+def _check_or_write_job(out: str, job: dict[str, Any]) -> None:
+    path = storage.join(out, schema.JOB_FILE)
+    if storage.exists(path):
+        old = storage.read_json(path)
+        diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if diff:
+            raise PrecomputeError(
+                f"{out} holds output of a different precompute job (differs in {diff}); "
+                "use another --out, or delete it to start over"
+            )
+    else:
+        storage.write_json(path, job)
+
+
+def _committed(out: str) -> dict[int, dict[str, Any]]:
+    """Commit records already present whose shard still exists, by chunk index.
+
+    A record whose shard has vanished (deleted by hand, lifecycle rule) does not count: that
+    chunk simply runs again.
+    """
+    uris = storage.list_files(storage.join(out, schema.CHUNKS_DIR), suffix=".json")
+    with ThreadPoolExecutor(16) as pool:  # one GET each on S3: overlap them
+        records = list(pool.map(storage.read_json, uris))
+    _, root = storage.filesystem(out)
+    base = f"s3://{root}/" if storage.is_s3(out) else f"{root}/"
+    shards = storage.list_files(storage.join(out, schema.SHARDS_DIR), suffix=".parquet")
+    present = {f.removeprefix(base) for f in shards}
+    done: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r["shard"] is None or r["shard"] in present:
+            done[int(r["chunk"])] = r
+        else:
+            log.warning("chunk %d: shard %s is missing; recomputing it", r["chunk"], r["shard"])
+    return done
+
+
+def _cluster_check(cfg: PrecomputeConfig, can_grow: bool) -> None:
+    """Refuse (or, on a cluster that may autoscale, warn about) a pipeline that cannot be
+    scheduled on the resources present: Ray would wait for them forever."""
+    import ray
+
+    res = ray.cluster_resources()
+    need_cpu = cfg.decode_cpus + cfg.encoders * cfg.encode_cpus + cfg.write_cpus
+    need_gpu = cfg.encoders * cfg.encode_gpus
+    have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    problems = []
+    if need_cpu > have_cpu + 1e-9:
+        problems.append(
+            f"the pipeline needs at least {need_cpu:g} CPUs (1 decoder x {cfg.decode_cpus:g} + "
+            f"{cfg.encoders} encoder(s) x {cfg.encode_cpus:g} + 1 writer x {cfg.write_cpus:g}) "
+            f"but the Ray cluster has {have_cpu:g}; lower --decode-cpus/--encode-cpus/--encoders "
+            "or give a local cluster more logical CPUs (--num-cpus)"
+        )
+    if need_gpu > have_gpu + 1e-9:
+        problems.append(
+            f"--encode-gpus {cfg.encode_gpus:g} x --encoders {cfg.encoders} needs {need_gpu:g} "
+            f"GPUs but the Ray cluster has {have_gpu:g}"
+        )
+    if problems and not can_grow:
+        raise PrecomputeError("; ".join(problems))
+    for p in problems:
+        log.warning("%s (waiting for the autoscaler to add nodes)", p)
+
+
+def _run_chunks(cfg: PrecomputeConfig, specs: list[str], resolution: int) -> list[dict]:
+    """Run the three Ray Data stages over chunk specs; returns one summary dict per chunk."""
+    import ray
+
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"spec": s} for s in specs], override_num_blocks=len(specs)
+    )
+    ds = ds.map_batches(
+        DecodeChunk,
+        fn_constructor_kwargs={"resolution": resolution, "max_pixels": cfg.max_pixels},
+        batch_size=1,
+        num_cpus=cfg.decode_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders),
+    )
+    ds = ds.map_batches(
+        EncodeChunk,
+        fn_constructor_kwargs={
+            "autoencoder": cfg.autoencoder,
+            "batch_size": cfg.batch_size,
+            "dtype": cfg.dtype,
+            "flip": cfg.flip,
+            "device": "cuda" if cfg.encode_gpus > 0 else "cpu",
+            "threads": cfg.torch_threads or max(1, int(cfg.encode_cpus)),
+        },
+        batch_size=1,
+        num_cpus=cfg.encode_cpus,
+        num_gpus=cfg.encode_gpus,
+        compute=ray.data.ActorPoolStrategy(size=cfg.encoders),
+    )
+    ds = ds.map_batches(
+        WriteChunk,
+        fn_constructor_kwargs={"out": cfg.out, "dtype": cfg.dtype, "flip": cfg.flip},
+        batch_size=1,
+        num_cpus=cfg.write_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.writers),
+    )
+    return ds.take_all()
+
+
+def build_manifest(
+    cfg: PrecomputeConfig,
+    plan: InputPlan,
+    chunks: list[Chunk],
+    records: dict[int, dict[str, Any]],
+    ae_info: dict[str, Any],
+) -> DatasetManifest:
+    """Merge the commit records into a manifest, checking every input is accounted for."""
+    missing = [c.index for c in chunks if c.index not in records]
+    if missing:
+        raise PrecomputeError(f"chunks {missing[:10]} were not committed; rerun to finish them")
+    moments = ChannelMoments.zeros(ae_info["latent_shape"][0])
+    rows = 0
+    total_bytes = 0
+    skipped: list[SkippedInput] = []
+    shards: list[str] = []
+    for c in chunks:
+        r = records[c.index]
+        if r["rows"] + len(r["skipped"]) != len(c.ids) or r["expected"] != len(c.ids):
+            raise PrecomputeError(
+                f"chunk {c.index}: record accounts for {r['rows']} rows + {len(r['skipped'])} "
+                f"skipped but the chunk has {len(c.ids)} inputs (output folder corrupted?)"
+            )
+        rows += r["rows"]
+        total_bytes += r["bytes"]
+        skipped += [SkippedInput(i, reason) for i, reason in r["skipped"]]
+        if r["shard"]:
+            shards.append(r["shard"])
+        m = r["moments"]
+        moments = moments.merge(
+            ChannelMoments(int(m["count"]), np.asarray(m["total"]), np.asarray(m["total_sq"]))
+        )
+    if rows == 0:
+        raise PrecomputeError(f"no input under {cfg.input} could be decoded ({len(skipped)} bad)")
+    return DatasetManifest(
+        encoder=ae_info["encoder"],
+        encoder_sha256=ae_info["encoder_sha256"],
+        autoencoder_id=ae_info["autoencoder_id"],
+        autoencoder_uri=cfg.autoencoder,
+        resolution=ae_info["resolution"],
+        dtype=cfg.dtype,
+        latent_shape=ae_info["latent_shape"],
+        num_rows=rows,
+        has_flip=cfg.flip,
+        class_names=plan.class_names,
+        latent_stats=moments.finalize(),
+        skipped=skipped,
+        source_uri=cfg.input,
+        source_format=plan.source_format,
+        shards=shards,
+        bytes_per_row=total_bytes / rows,
+    )
+
+
+def autoencoder_info(uri: str) -> dict[str, Any]:
+    """Checkpoint facts the job and manifest need, loading it once on the driver."""
+    from svg_ray.checkpoint import CheckpointError, autoencoder_id, load_autoencoder
+
+    if not storage.exists(uri):
+        raise PrecomputeError(f"autoencoder checkpoint not found: {uri} (--autoencoder)")
+    try:
+        ae = load_autoencoder(uri)
+    except CheckpointError as e:
+        raise PrecomputeError(f"--autoencoder: {e}") from e
+    return {
+        "encoder": ae.cfg.dino.timm_name,
+        "encoder_sha256": ae.encoder.weights_sha256 or "random",
+        "autoencoder_id": autoencoder_id(uri),
+        "resolution": ae.cfg.resolution,
+        "latent_shape": list(ae.latent_shape),
+    }
+
+
+def run_precompute(
+    cfg: PrecomputeConfig,
+    connect: Callable[[], None] | None = None,
+    cluster_can_grow: bool = False,
+) -> PrecomputeResult:
+    """Plan, run the pending chunks on Ray, write the manifest last.
+
+    ``connect`` starts or joins a Ray cluster; it is called only when there is work to do (after
+    the inputs and checkpoint are validated), and not at all if Ray is already initialised.
+    ``cluster_can_grow``: the cluster may autoscale, so missing CPUs/GPUs only warn.
+    """
+    t0 = time.perf_counter()
+    # Cheap existence checks first: a typo should fail in a second, not after a model load.
+    if not storage.exists(cfg.input):
+        raise PrecomputeError(f"input not found: {cfg.input} (--input)")
+    if not storage.exists(cfg.autoencoder):
+        raise PrecomputeError(
+            f"autoencoder checkpoint not found: {cfg.autoencoder} (--autoencoder)"
+        )
+    ae_info = autoencoder_info(cfg.autoencoder)
+    resolution = cfg.resolution or ae_info["resolution"]
+    if resolution != ae_info["resolution"]:
+        raise ConfigError(
+            f"--resolution {resolution} differs from the autoencoder's {ae_info['resolution']} "
+            "(its position embeddings fix the input size); leave it at 0"
+        )
+    plan = plan_inputs(cfg)
+    chunks = make_chunks(plan, cfg.rows_per_shard)
+    _check_or_write_job(cfg.out, _job_fingerprint(cfg, plan, ae_info["autoencoder_id"], resolution))
+    done = _committed(cfg.out)
+    pending = [c for c in chunks if c.index not in done]
+    summaries: list[dict] = []
+    if pending:
+        import ray
+
+        if connect is not None and not ray.is_initialized():
+            connect()
+        _cluster_check(cfg, cluster_can_grow)
+        log.info("precompute: %d of %d chunks to run", len(pending), len(chunks))
+        specs = [c.spec(plan.source_format, cfg.image_column) for c in pending]
+        summaries = _run_chunks(cfg, specs, resolution)
+        done = _committed(cfg.out)
+    manifest = build_manifest(cfg, plan, chunks, done, ae_info)
+    manifest.save(cfg.out)  # last: its presence marks the dataset complete
+    fs, root = storage.filesystem(cfg.out)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.delete_dir_contents(f"{root}/{TMP_DIR}", missing_dir_ok=True)
+        if fs.get_file_info(f"{root}/{TMP_DIR}").type == pafs.FileType.Directory:
+            fs.delete_dir(f"{root}/{TMP_DIR}")
+    return PrecomputeResult(
+        manifest=manifest,
+        inputs=len(plan.ids),
+        chunks_total=len(chunks),
+        chunks_run=len(pending),
+        images_run=sum(len(c.ids) for c in pending),
+        seconds=time.perf_counter() - t0,
+        stage_seconds={
+            k: float(sum(s[f"{k}_s"] for s in summaries)) for k in ("decode", "encode", "write")
+        },
+        out=cfg.out,
+    )
