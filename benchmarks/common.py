@@ -1,0 +1,93 @@
+"""What the benchmarks share: the loopback-only environment, a machine description, JSON output.
+
+Call ``set_env()`` before anything imports ray, mlflow or timm (environment.md, "Environment for
+tests and CI"); values already in the environment win.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def set_env() -> None:
+    """Loopback-only Ray, no usage reports, no hub downloads (existing values are kept)."""
+    for k, v in ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """Cores, CPU model, platform, torch version/threads and the load average, plus ``extra``."""
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "load_avg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()],
+        **extra,
+    }
+
+
+def process_cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds (children reaped included) of this process (``"self"``), of each
+    process tree in ``roots`` (name -> pid), and of all other descendants (``"other"``: Ray's
+    raylet, GCS and workers), read from /proc. Differences of two calls give a phase's CPU
+    cost whatever share of the machine it got."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # after "(comm)": [1] ppid, [11:15] utime stime cutime cstime (clock ticks)
+            procs[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+    me = os.getpid()
+    by_root = {pid: name for name, pid in roots.items()}
+    out = {"self": procs.get(me, (0, 0.0))[1], "other": 0.0, **dict.fromkeys(roots, 0.0)}
+    for pid, (_, cpu) in procs.items():
+        p, group = pid, None
+        while p in procs and p not in (0, 1, me):
+            group = by_root.get(p, group)
+            p = procs[p][0]
+        if p == me and pid != me:
+            out[group or "other"] += cpu
+    return out
+
+
+def write_json(path: str | Path, report: dict[str, Any]) -> Path:
+    """Write ``report`` as indented JSON, creating the folder; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return out
