@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "precompute": ("pipelines.precompute", "Ray Data job: images -> latent Parquet + manifest"),
     "train": ("pipelines.train_diffusion", "Ray Train job: the diffusion transformer on latents"),
+    "train-ae": (
+        "pipelines.train_autoencoder",
+        "Ray Train job: the SVG autoencoder (residual + decoder)",
+    ),
 }
 
 

@@ -140,11 +140,12 @@ def require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def add_arguments(parser: Any, cls: type, prefix: str = "") -> None:
+def add_arguments(parser: Any, cls: type, prefix: str = "", defaults: Any = None) -> None:
     """Add one ``--flag`` per field of dataclass ``cls`` (help text from the field docstrings).
 
     Values are parsed as strings/JSON-ish scalars here and validated by ``from_dict`` later, so
-    the command line and config files share one set of rules.
+    the command line and config files share one set of rules. ``defaults``: an instance of
+    ``cls`` whose values replace the field defaults (one job's own defaults for shared settings).
     """
     import argparse
 
@@ -156,6 +157,8 @@ def add_arguments(parser: Any, cls: type, prefix: str = "") -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
         helptext = f"{docs.get(f.name, '')} (default: {default!r})"
         if tp is bool:
             parser.add_argument(

@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from svg_ray.config import flatten
+from svg_ray.config import ConfigError, flatten
 
 TAG_RUN_NAME = "svg_ray.run_name"
 TAG_STORAGE = "svg_ray.storage_path"
 TAG_KIND = "svg_ray.kind"
 BUNDLE_ARTIFACT = "bundle"
+AUTOENCODER_ARTIFACT = "autoencoder"
 
 
 def default_tracking_uri() -> str:
@@ -58,6 +59,12 @@ def find_or_create_run(
     flt = f"tags.`{TAG_RUN_NAME}` = '{run_name}' and tags.`{TAG_STORAGE}` = '{storage_path}'"
     found = client.search_runs([exp_id], filter_string=flt, max_results=1)
     if found:
+        other = found[0].data.tags.get(TAG_KIND, kind)
+        if other != kind:  # the two jobs' checkpoints and metrics must never mix
+            raise ConfigError(
+                f"run {run_name!r} at {storage_path} belongs to a {other} job, not this {kind} "
+                "job: choose another --name or --storage-path"
+            )
         return str(found[0].info.run_id), True
     run = client.create_run(
         exp_id,
@@ -113,11 +120,14 @@ class RunLogger:
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
-def register_bundle(tracking_uri: str, run_id: str, model_name: str, step: int) -> int:
-    """Register the run's ``bundle`` artifact directory as a new version of ``model_name``.
+def register_bundle(
+    tracking_uri: str, run_id: str, model_name: str, step: int, artifact: str = BUNDLE_ARTIFACT
+) -> int:
+    """Register the run's ``artifact`` directory as a new version of ``model_name``.
 
-    The registered version's source is the sampler bundle directory (bundle.json + weights), which
-    the Serve deployment loads from ``models:/<name>/<version>``.
+    By default that is the sampler bundle directory (bundle.json + weights), which the Serve
+    deployment loads from ``models:/<name>/<version>``; the autoencoder job registers its
+    ``autoencoder`` directory (AUTOENCODER_ARTIFACT) the same way.
     """
     from mlflow.exceptions import MlflowException
 
@@ -128,7 +138,7 @@ def register_bundle(tracking_uri: str, run_id: str, model_name: str, step: int) 
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
     run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT}"
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact}"
     for mv in client.search_model_versions(f"name = '{model_name}'"):
         if mv.run_id == run_id and mv.tags.get("svg_ray.step") == str(step):
             return int(mv.version)  # idempotent: a rerun of a finished job registers nothing new

@@ -79,7 +79,8 @@ def rank_datasets(data_plan: DataPlan, columns: list[str]) -> dict[str, Any]:
     out = {}
     for r, files in enumerate(data_plan.files):
         paths = [storage.filesystem(u)[1] for u in files]
-        out[f"train_{r}"] = ray.data.read_parquet(paths, columns=columns, filesystem=fs)
+        # select_columns is pushed down into the Parquet read (only these columns are fetched).
+        out[f"train_{r}"] = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     return out
 
 
