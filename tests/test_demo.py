@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,7 +29,8 @@ def test_demo_writes_grid_and_bundle(tmp_path: Path) -> None:
     grid = Image.open(out / "samples.png")
     # 10 classes x 8 samples of 64px with 2px gaps
     assert grid.size == (8 * 66 - 2, 10 * 66 - 2) and grid.mode == "RGB"
-    assert len(grid.getcolors(maxcolors=100_000) or []) > 10  # not a blank image
+    pixels = np.asarray(grid)
+    assert len(np.unique(pixels)) > 10 and pixels.std() > 5  # not a blank image
     dit, ae, info = load_bundle(str(out / "bundle"))
     assert info.class_names == [str(i) for i in range(10)] and info.step == 40
     assert dit.cfg.in_channels == ae.latent_channels == 200
@@ -45,4 +47,5 @@ def test_cli_rejects_unknown_command_and_bad_option() -> None:
         capture_output=True,
         text=True,
     )
-    assert opt.returncode == 2 and "--ae-steps" in opt.stderr and "Traceback" not in opt.stderr
+    assert opt.returncode == 2 and "ae_steps: expected an integer" in opt.stderr
+    assert "Traceback" not in opt.stderr
