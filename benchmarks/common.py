@@ -57,11 +57,10 @@ def machine(**extra: Any) -> dict[str, Any]:
     }
 
 
-def process_cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds (children reaped included) of this process (``"self"``), of each
-    process tree in ``roots`` (name -> pid), and of all other descendants (``"other"``: Ray's
-    raylet, GCS and workers), read from /proc. Differences of two calls give a phase's CPU
-    cost whatever share of the machine it got."""
+def process_table(reaped: bool = True) -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds), from /proc; ``reaped``: plus the CPU of
+    its exited children (right for differences of two snapshots; per-process series want
+    False, or a child's CPU is counted again in its parent when it exits)."""
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, float]] = {}
     for d in os.listdir("/proc"):
@@ -71,17 +70,32 @@ def process_cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
             except OSError:
                 continue
             # after "(comm)": [1] ppid, [11:15] utime stime cutime cstime (clock ticks)
-            procs[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
-    me = os.getpid()
-    by_root = {pid: name for name, pid in roots.items()}
+            cpu = fields[11:15] if reaped else fields[11:13]
+            procs[int(d)] = (int(fields[1]), sum(int(x) for x in cpu) / tick)
+    return procs
+
+
+def ancestor_in(procs: dict[int, tuple[int, float]], pid: int, roots: set[int]) -> int | None:
+    """The first of ``roots`` found walking up from ``pid`` (itself included), or None."""
+    while pid in procs and pid not in (0, 1):
+        if pid in roots:
+            return pid
+        pid = procs[pid][0]
+    return None
+
+
+def process_cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds (children reaped included) of this process (``"self"``), of each
+    process tree in ``roots`` (name -> pid), and of all other descendants (``"other"``: Ray's
+    raylet, GCS and workers), read from /proc. Differences of two calls give a phase's CPU
+    cost whatever share of the machine it got."""
+    procs, me = process_table(), os.getpid()
+    names = {pid: name for name, pid in roots.items()}
     out = {"self": procs.get(me, (0, 0.0))[1], "other": 0.0, **dict.fromkeys(roots, 0.0)}
     for pid, (_, cpu) in procs.items():
-        p, group = pid, None
-        while p in procs and p not in (0, 1, me):
-            group = by_root.get(p, group)
-            p = procs[p][0]
-        if p == me and pid != me:
-            out[group or "other"] += cpu
+        if pid != me and ancestor_in(procs, pid, {me}) == me:
+            root = ancestor_in(procs, pid, set(names))
+            out[names[root] if root is not None else "other"] += cpu
     return out
 
 
