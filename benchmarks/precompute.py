@@ -34,14 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-for _k, _v in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
-    "HF_HUB_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks.common import set_env
+
+set_env()  # before ray is imported: loopback only, no usage reports, no hub downloads
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
