@@ -65,6 +65,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -757,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/bench/train.json")
     a = p.parse_args(argv)
 
+    # A SIGTERM must still run the finally blocks (stop SeaweedFS, shut Ray down).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     register_sizes()
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     online_models = [m.strip() for m in a.online_models.split(",") if m.strip()]
