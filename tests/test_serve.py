@@ -367,62 +367,77 @@ def test_playground_generates_in_chromium(service: Service, chromium: DevTools) 
 
 @pytest.mark.timeout(240)
 def test_load_no_5xx_and_autoscaling_adds_a_replica(service: Service) -> None:
-    """A fixed number of requests at concurrency 8 within a time limit: no 5xx, latency
-    percentiles reported, and the CPU config's autoscaler goes from 1 to 2 sampler replicas."""
+    """Sustained load at concurrency 8 until the CPU config's autoscaler goes from 1 to 2
+    sampler replicas (bounded in time): no 5xx, latency percentiles reported.
+
+    The load runs until the upscale is observed rather than for a fixed request count: the
+    autoscaler decides from metrics pushed every 10 s over a 15 s look-back window, so on a
+    fast machine a fixed batch of requests can finish before any decision is made."""
     from ray import serve
 
     def replicas() -> dict[str, int]:
         states = serve.status().applications[APP].deployments["SVGSampler"].replica_states
         return {str(k): int(v) for k, v in states.items()}
 
-    n_requests, concurrency, time_limit_s = 120, 8, 120.0
+    concurrency, min_requests, time_limit_s = 8, 60, 150.0
     seen: list[dict[str, int]] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.append(replicas())
-            time.sleep(0.5)
-
+    scaled = threading.Event()
+    lock = threading.Lock()
+    results: list[tuple[int, float]] = []
     url = service.base + "/v1/generate"
 
-    def one(i: int) -> tuple[int, float]:
-        t0 = time.perf_counter()
-        r = http(
-            url, {"label": i % NUM_CLASSES, "count": 4, "steps": 25, "sampler": "heun", "seed": i}
-        )
-        return r.status, time.perf_counter() - t0
+    def watch(deadline: float) -> None:
+        while time.monotonic() < deadline and not scaled.is_set():
+            states = replicas()
+            seen.append(states)
+            if sum(states.values()) >= 2:
+                scaled.set()
+            time.sleep(0.5)
+
+    def client(worker: int, deadline: float) -> None:
+        i = worker
+        while time.monotonic() < deadline:
+            with lock:
+                if scaled.is_set() and len(results) >= min_requests:
+                    return
+            t0 = time.perf_counter()
+            r = http(
+                url,
+                {"label": i % NUM_CLASSES, "count": 4, "steps": 25, "sampler": "heun", "seed": i},
+            )
+            with lock:
+                results.append((r.status, time.perf_counter() - t0))
+            i += concurrency
 
     assert replicas().get("RUNNING") == 1
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     t0 = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(concurrency) as ex:
-            results = list(ex.map(one, range(n_requests)))
-    finally:
-        done.set()
-        watcher.join(timeout=10)
+    deadline = time.monotonic() + time_limit_s
+    watcher = threading.Thread(target=watch, args=(deadline,), daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(concurrency) as ex:
+        for f in [ex.submit(client, w, deadline) for w in range(concurrency)]:
+            f.result()
+    scaled.set()
+    watcher.join(timeout=10)
     wall = time.perf_counter() - t0
 
     statuses = [s for s, _ in results]
     lat = np.array([t for _, t in results])
     p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
     print(
-        f"\nload: {n_requests} requests x 4 images, concurrency {concurrency}: {wall:.1f} s, "
-        f"{n_requests / wall:.1f} req/s, p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s; "
+        f"\nload: {len(results)} requests x 4 images, concurrency {concurrency}: {wall:.1f} s, "
+        f"{len(results) / wall:.1f} req/s, p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s; "
         f"replicas seen {sorted({json.dumps(s, sort_keys=True) for s in seen})}"
     )
-    assert len(results) == n_requests
+    assert len(results) >= min_requests
     assert not [s for s in statuses if s >= 500], statuses
     assert all(s == 200 for s in statuses)
-    assert wall < time_limit_s
 
     # Upscaling was decided under load; the new replica may still be loading its model.
     assert max(sum(s.values()) for s in seen) >= 2, seen
-    deadline = time.monotonic() + 60
+    wait_until = time.monotonic() + 60
     while replicas().get("RUNNING", 0) < 2:
-        assert time.monotonic() < deadline, replicas()
+        assert time.monotonic() < wait_until, replicas()
         time.sleep(0.5)
 
 
@@ -443,31 +458,55 @@ def test_killed_replica_is_replaced_and_others_keep_serving(service: Service) ->
         states = serve.status().applications[APP].deployments["SVGSampler"].replica_states
         return int(states.get("RUNNING", 0))
 
-    before = replica_names()
-    assert len(before) >= 2, before  # the load test above left two replicas
-    victim = sorted(before)[0]
     url = service.base + "/v1/generate"
     body = {"label": 1, "count": 4, "steps": 25, "sampler": "heun"}
 
     def one(i: int) -> int:
         return http(url, {**body, "seed": i}).status
 
+    # Sustained load for the whole test, so the autoscaler's target stays at two replicas:
+    # without it, the downscale the idle period after the load test asks for races the kill.
+    stop = threading.Event()
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        i = worker
+        while not stop.is_set():
+            status = one(i)
+            with lock:
+                statuses.append(status)
+            i += 6
+
+    deadline = time.monotonic() + 150
     with ThreadPoolExecutor(6) as ex:
-        futures = [ex.submit(one, i) for i in range(60)]
-        time.sleep(1.0)  # let requests spread over both replicas
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        statuses = [f.result(timeout=120) for f in futures]
+        futures = [ex.submit(client, w) for w in range(6)]
+        try:
+            while not (len(replica_names()) >= 2 and running() >= 2):
+                assert time.monotonic() < deadline, (replica_names(), running())
+                time.sleep(0.5)
+            before = replica_names()
+            victim = sorted(before)[0]
+            time.sleep(1.0)  # let requests spread over both replicas
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            # serve.status() can lag the actor table: wait for a new replica name, not a count.
+            while not (victim not in replica_names() and replica_names() - before):
+                assert time.monotonic() < deadline, (replica_names(), running())
+                time.sleep(0.5)
+            while running() < 2:
+                assert time.monotonic() < deadline, (replica_names(), running())
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for f in futures:
+                f.result(timeout=120)
 
     failed = [s for s in statuses if s != 200]
     print(
         f"\nkilled a replica under load: {len(failed)} of {len(statuses)} requests failed {failed}"
     )
     max_in_replica = 4  # config_cpu.yaml: max_ongoing_requests of SVGSampler
+    assert len(statuses) >= 20
     assert len(failed) <= max_in_replica, statuses
     assert all(s == 503 for s in failed)  # lost with the replica: "retry", not a hang or a 500
-    deadline = time.monotonic() + 90
-    while not (victim not in replica_names() and running() >= 2):
-        assert time.monotonic() < deadline, (replica_names(), running())
-        time.sleep(0.5)
-    assert replica_names() - before, "no replacement replica was started"
     assert all(one(i) == 200 for i in range(4))
