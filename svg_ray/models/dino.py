@@ -59,7 +59,7 @@ class DinoConfig:
         return DINO_ARCHS.get(self.arch, self.arch)
 
 
-def _is_meta_layout(sd: dict[str, torch.Tensor]) -> bool:
+def is_meta_layout(sd: dict[str, torch.Tensor]) -> bool:
     """Meta's releases name LayerScale 'ls1.gamma' (and DINOv3 registers 'storage_tokens')."""
     return "storage_tokens" in sd or any(".ls1.gamma" in k for k in sd)
 
@@ -118,7 +118,7 @@ class FrozenDino(nn.Module):
 
         path = resolve_asset(uri, "dino.weights (--dino-weights)", sha256)
         sd = load_state_dict(path)
-        if _is_meta_layout(sd):
+        if is_meta_layout(sd):
             sd = to_timm_layout(sd, self.model)
         own = self.model.state_dict()
         # Buffers timm recomputes itself (RoPE periods) need not be in the file.
