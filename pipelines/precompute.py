@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     print(result.summary_line(), flush=True)
+    print(f"[precompute] next: svg-ray train --data {result.out}", flush=True)
     return 0
 
 

@@ -7,13 +7,21 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("svg_ray.demo", "in-process demo: both stages on the digits, writes a sample grid"),
+    "demo": (
+        "pipelines.demo",
+        "the main job end to end on a local Ray: digits -> AE -> latents -> DiT -> grid -> Serve",
+    ),
     "serve": (
         "serve.app",
         "local Ray Serve sampler endpoint + playground for a bundle or models:/",
     ),
     "precompute": ("pipelines.precompute", "Ray Data job: images -> latent Parquet + manifest"),
     "train": ("pipelines.train_diffusion", "Ray Train job: the diffusion transformer on latents"),
+    "import": (
+        "pipelines.import_checkpoint",
+        "convert the SVG paper's released checkpoints into our model files or a sampler bundle",
+    ),
+    "status": ("svg_ray.status", "what datasets, runs, bundles and MLflow models exist"),
     "train-ae": (
         "pipelines.train_autoencoder",
         "Ray Train job: the SVG autoencoder (residual + decoder)",

@@ -89,12 +89,17 @@ def log_params_once(tracking_uri: str, run_id: str, params: dict[str, Any]) -> N
 class RunLogger:
     """Metrics and images to one MLflow run (used on rank 0 only)."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    # Shown on the job's stdout (`ray job logs`, the demo) each time metrics are logged.
+    PROGRESS_KEYS = ("loss", "l1", "lpips", "g_loss", "d_loss", "images_per_s")
+
+    def __init__(self, tracking_uri: str, run_id: str, label: str = "", total_steps: int = 0):
         self.client = _client(tracking_uri)
         self.run_id = run_id
+        self.label = label
+        self.total_steps = total_steps
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        """Log a dict of scalars at ``step``."""
+        """Log a dict of scalars at ``step``; print a progress line when the logger has a label."""
         import time
 
         from mlflow.entities import Metric
@@ -102,6 +107,12 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+        if self.label and any(k in values for k in self.PROGRESS_KEYS):
+            shown = ", ".join(
+                f"{k} {float(values[k]):.4g}" for k in self.PROGRESS_KEYS if k in values
+            )
+            of = f"/{self.total_steps}" if self.total_steps else ""
+            print(f"[{self.label}] step {step}{of}: {shown}", flush=True)
 
     def image(self, image: Any, artifact_file: str) -> None:
         """Log a uint8 (H, W, 3) array as a PNG artifact."""

@@ -64,6 +64,7 @@ DIT_SIZES: dict[str, dict[str, int]] = {
     "SVG-L": {"depth": 24, "width": 1024, "heads": 16},
     "SVG-XL": {"depth": 28, "width": 1152, "heads": 16},
     "debug": {"depth": 2, "width": 64, "heads": 4},
+    "demo": {"depth": 4, "width": 192, "heads": 4},  # `svg-ray demo` on CPU: minutes, legible
 }
 
 

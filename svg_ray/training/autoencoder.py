@@ -377,7 +377,11 @@ def train_loop(config: dict[str, Any]) -> None:
             )
     parts = _Parts(ae, ae_ddp, loss_fn, loss_fn.discriminator, opt_g, opt_d, cfg.grad_clip, amp)
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = (
+        RunLogger(config["tracking_uri"], config["run_id"], "train-ae", cfg.steps)
+        if rank == 0
+        else None
+    )
     meter = Throughput()
     last_x: torch.Tensor | None = None
     logs: dict[str, float] = {}

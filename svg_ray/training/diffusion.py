@@ -226,7 +226,11 @@ def train_loop(config: dict[str, Any]) -> None:
     flow = FlowLoss(cfg.time_shift)
     stats = manifest.latent_stats
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = (
+        RunLogger(config["tracking_uri"], config["run_id"], "train", cfg.steps)
+        if rank == 0
+        else None
+    )
     if logger and step == 0:
         logger.metrics({"dit_params_m": count_params(model) / 1e6}, 0)
     meter = Throughput()
