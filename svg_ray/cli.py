@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "precompute": ("pipelines.precompute", "Ray Data job: images -> latent Parquet + manifest"),
     "train": ("pipelines.train_diffusion", "Ray Train job: the diffusion transformer on latents"),
+    "eval": (
+        "pipelines.evaluate",
+        "evaluation jobs: FID/IS of a bundle, autoencoder rFID/PSNR/SSIM/LPIPS, latent probe",
+    ),
     "import": (
         "pipelines.import_checkpoint",
         "convert the SVG paper's released checkpoints into our model files or a sampler bundle",
