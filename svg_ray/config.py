@@ -159,7 +159,8 @@ def add_arguments(parser: Any, cls: type, prefix: str = "", defaults: Any = None
             default = f.default_factory()  # type: ignore[misc]
         if defaults is not None:
             default = getattr(defaults, f.name)
-        helptext = f"{docs.get(f.name, '')} (default: {default!r})"
+        # argparse %-formats help text: a literal % in a docstring must not break --help.
+        helptext = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
         if tp is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=helptext

@@ -123,3 +123,19 @@ def test_cli_rejects_unknown_command_and_bad_option() -> None:
     )
     assert opt.returncode == 2 and "ae_steps: expected an integer" in opt.stderr
     assert "Traceback" not in opt.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[c] for c in ("demo", "precompute", "train", "train-ae", "serve", "import", "status")]
+    + [["eval", task] for task in ("generation", "reconstruction", "probe")],
+)
+def test_every_command_prints_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--help of every command renders (argparse %-formats help text taken from docstrings)."""
+    from svg_ray.cli import COMMANDS, main
+
+    assert argv[0] in COMMANDS
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: svg-ray" in capsys.readouterr().out
