@@ -794,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                 data=data_root, model=m, steps=steps, global_batch=a.batch, log_every=window,
                 checkpoint_every=steps, sample_steps=2, shuffle_buffer=a.shuffle_buffer,
                 use_flip=a.flip,
+                cache_mb=0,  # measure the streaming reader, which ImageNet-size data uses
             )  # fmt: skip
             run = RunSettings(
                 name=f"bench-{m}", storage_path=str(work / "runs"), num_workers=1,

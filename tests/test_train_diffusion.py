@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from latent_data import make_latent_dataset
@@ -77,7 +78,10 @@ def test_trains_on_s3_latents_with_mlflow_and_registry(
     ae_uri = f"{s3_root}/ae.safetensors"
     save_autoencoder(SVGAutoencoder(ae_preset("debug")).eval(), ae_uri)
     make_latent_dataset(f"{s3_root}/latents", ae_uri, rows=256, shards=4)
-    cfg = _cfg(f"{s3_root}/latents", steps=40, lr=1e-2, log_every=5, checkpoint_every=20)
+    # Streamed from S3 every epoch (cache_mb=0), as a dataset larger than memory would be.
+    cfg = _cfg(
+        f"{s3_root}/latents", steps=40, lr=1e-2, log_every=5, checkpoint_every=20, cache_mb=0
+    )
     run = _run("e2e", f"{s3_root}/runs", mlflow_server, register_as="svg-e2e")
     summary = launch(cfg, run)
     assert summary["metrics"]["step"] == 40 and not summary["resumed"]
@@ -210,3 +214,22 @@ def test_latent_shape_must_match_the_autoencoder(local_data: str, tmp_path: Path
     make_latent_dataset(str(tmp_path / "data"), str(other), rows=32, shards=1)
     with pytest.raises(ConfigError, match=r"produces \(196, 4, 4\)"):
         launch(_cfg(str(tmp_path / "data")), _run("shape", str(tmp_path / "r"), "sqlite:///x.db"))
+
+
+def test_in_memory_epochs_are_seeded_permutations() -> None:
+    from svg_ray.training import data as tdata
+
+    rows = {"label": np.arange(10), "latent": np.arange(10) * 10}
+    a = list(tdata.permuted_batches(rows, 3, seed=7))
+    b = list(tdata.permuted_batches(rows, 3, seed=7))
+    c = list(tdata.permuted_batches(rows, 3, seed=8))
+    assert len(a) == 3  # full batches only: 10 // 3
+    seen = np.concatenate([x["label"] for x in a])
+    assert len(set(seen.tolist())) == 9  # without replacement within an epoch
+    assert all((x["latent"] == x["label"] * 10).all() for x in a)  # columns stay aligned
+    assert all((x["label"] == y["label"]).all() for x, y in zip(a, b, strict=True))
+    assert any((x["label"] != y["label"]).any() for x, y in zip(a, c, strict=True))
+    plan = tdata.DataPlan(files=[["a"], ["b"]], rows=[1000, 900], steps_per_epoch=1)
+    assert tdata.fits_in_memory(plan, bytes_per_row=1024, cache_mb=1)
+    assert not tdata.fits_in_memory(plan, bytes_per_row=2048, cache_mb=1)
+    assert not tdata.fits_in_memory(plan, bytes_per_row=1, cache_mb=0)

@@ -71,7 +71,10 @@ class DiffusionTrainConfig:
     use_flip: bool = True
     """Use precomputed horizontally flipped latents for half the samples, when present."""
     shuffle_buffer: int = 2048
-    """Rows in each worker's seeded local shuffle buffer."""
+    """Rows in each worker's seeded local shuffle buffer (when streaming)."""
+    cache_mb: int = 1024
+    """Workers whose shards fit in this many MiB read them once and draw each epoch as a seeded
+    permutation in memory; larger datasets stream from storage every epoch (0: always stream)."""
     precision: str = "auto"
     """'auto' (bf16 autocast + TF32 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     seed: int = 0
@@ -164,6 +167,7 @@ def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> dict[str, Any]:
         "dit": to_dict(dcfg),
         "manifest": manifest.to_dict(),
         "steps_per_epoch": data_plan.steps_per_epoch,
+        "cached": tdata.fits_in_memory(data_plan, manifest.bytes_per_row, cfg.cache_mb),
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "run_uri": run.run_uri,
@@ -172,7 +176,8 @@ def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> dict[str, Any]:
     print(
         f"[train] {'resuming' if resumed else 'starting'} run {run.name!r} "
         f"(MLflow run {run_id}); {data_plan.steps_per_epoch} steps/epoch on "
-        f"{run.num_workers} worker(s), rows per worker {data_plan.rows}",
+        f"{run.num_workers} worker(s), rows per worker {data_plan.rows}"
+        f"{' (held in memory)' if loop_config['cached'] else ' (streamed)'}",
         flush=True,
     )
     result = fit(train_loop, loop_config, run, tdata.rank_datasets(data_plan, columns))
@@ -249,14 +254,20 @@ def train_loop(config: dict[str, Any]) -> None:
             "manifest": config["manifest"],
         }
 
+    cache: dict[str, Any] | None = None
     while step < cfg.steps:
-        batches = shard.iter_batches(
-            batch_size=per_worker,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.shuffle_buffer,
-            local_shuffle_seed=cfg.seed * 100_003 + epoch * 1_009 + rank,
-        )
+        epoch_seed = cfg.seed * 100_003 + epoch * 1_009 + rank
+        if config["cached"]:
+            cache = cache if cache is not None else tdata.read_all(shard)
+            batches = tdata.permuted_batches(cache, per_worker, epoch_seed)
+        else:
+            batches = shard.iter_batches(
+                batch_size=per_worker,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=cfg.shuffle_buffer,
+                local_shuffle_seed=epoch_seed,
+            )
         it = iter(batches)
         for i in range(steps_per_epoch):
             t_wait = time.perf_counter()
