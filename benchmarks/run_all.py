@@ -1,5 +1,7 @@
 """``make bench``: run every benchmark in this folder and merge their JSON into one summary.
 
+The GPU benchmark (``benchmarks/gpu.py``) runs only when named: ``--only gpu``.
+
 Each benchmark measures a ratio against a baseline in the same run (the machine is noisy) and
 writes ``outputs/bench/<name>.json``; this writes ``outputs/bench/summary.json`` with all of them
 and the machine description, and prints each benchmark's one-line summary.
@@ -16,13 +18,15 @@ from pathlib import Path
 
 from benchmarks.common import machine, write_json
 
-BENCHMARKS = ["precompute", "train", "serve"]
+BENCHMARKS = ["precompute", "train", "serve", "sampler"]
+# Run only when named (--only gpu): it needs a CUDA device.
+GPU_BENCHMARKS = ["gpu"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks in turn (each in its own process) and merge the results."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
-    p.add_argument("--only", nargs="*", default=BENCHMARKS, choices=BENCHMARKS)
+    p.add_argument("--only", nargs="*", default=BENCHMARKS, choices=BENCHMARKS + GPU_BENCHMARKS)
     p.add_argument("--out-dir", default="outputs/bench")
     a = p.parse_args(argv)
     out = Path(a.out_dir)

@@ -1,0 +1,639 @@
+"""GPU benchmark: SVG-XL training-step throughput and MFU, 25-step CFG sampling throughput, and the
+decoder's share of sampling time, on one CUDA device.
+
+    timeout 480 python -m benchmarks.gpu [--model SVG-XL] [--train-batch 32] [--sample-batches 1 64]
+        [--steps 25] [--warmup 3] [--iters 20] [--compile] [--time-budget-s 360]
+        [--out outputs/bench/gpu.json]
+
+Smoke run without a GPU (what tests/test_benchmarks.py runs):
+
+    python -m benchmarks.gpu --device cpu --model debug --train-batch 2 --sample-batches 1 2 \
+        --steps 2 --iters 1 --warmup 0
+
+Weights are random (no network, no pretrained weights; every parameter is nudged off DiT's zero
+init, as benchmarks/serve.py does): the arithmetic and so the throughput do not depend on them.
+Measurements, in order, each guarded (an OOM or any error is recorded in the JSON, the next one
+still runs; the JSON is rewritten after each, so a timeout leaves what was measured):
+
+- ``train``: the core training step on a fixed random batch of (B, 256, 392) latent tokens and
+  labels of 1000 classes (no data loading): FlowLoss (t shift 0.4) forward under bf16 autocast,
+  backward, AdamW (lr 1e-4, betas 0.9/0.999, wd 0: the job's settings). Images/s and MFU
+  against the card's dense bf16 peak.
+- ``train_job_step``: the same plus what ``training/diffusion.py`` adds per step: the gradient
+  norm (``clip_grad_norm_`` with an infinite limit) and the EMA update.
+- ``flop_counter``: one forward+backward under ``torch.utils.flop_counter.FlopCounterMode``, with
+  the math SDPA backend (must equal the formula below exactly) and with the default backend
+  (fused kernels: the counter adds their backward's recompute of QK^T, 2 L T^2 D per image).
+- ``sample_b{N}`` per --sample-batches: ``svg_ray.generate.generate_latents`` (Euler, 25 steps,
+  time shift 0.15, constant CFG 4: conditional and null passes in one 2N batch) then the decode of
+  ``generate.decode_tokens`` with the SVG conv decoder (``ae_preset('svg').decoder`` at 256 px,
+  the only part of the autoencoder decoding needs), all under bf16 autocast; the DiT is the
+  trained model in eval mode (an EMA copy has the same cost). Images/s, ms/image, DiT and
+  decoder time, decoder share.
+- ``decoder_flops``: the decoder's FLOPs per image (FlopCounterMode, one image).
+- ``train_compiled`` with --compile: ``train`` with ``torch.compile(model)`` (compile time is in
+  the warm-up, reported apart).
+
+Each measurement resets and records ``torch.cuda.max_memory_allocated``. Every timed call has a
+``torch.cuda.synchronize`` on both sides (sampling also between DiT and decoder); training rates
+are images over the sum of timed steps, sampling rates use the median run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import math
+import platform
+import re
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import cpu_model, machine, write_json
+from svg_ray.data.stats import LatentStats
+from svg_ray.flow.loss import FlowLoss
+from svg_ray.flow.samplers import SamplerConfig
+from svg_ray.generate import generate_latents, tokens_to_latents
+from svg_ray.models.autoencoder import ae_preset
+from svg_ray.models.decoder import Decoder
+from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
+from svg_ray.models.ema import EMA
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name(); first match wins. Anything else needs --peak-tflops.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    (r"H100.*PCIe", 756.0),
+    (r"H100.*NVL", 835.0),
+    (r"H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"H200.*NVL", 835.0),
+    (r"H200", 989.0),  # also GH200
+    (r"A100", 312.0),
+    (r"\bL4\b", 121.0),  # not L40/L40S
+]
+
+TIME_FREQ_DIM = 256  # TimestepEmbedder's sinusoid width (svg_ray/models/dit.py)
+
+FLOP_FORMULA = (
+    "matmul FLOPs (2 per multiply-add) per image, T = grid^2 tokens, D width, L depth, F MLP "
+    "hidden, C_in/C_out latent channels in/out: N_tok = C_in*D + L*(4*D^2 + 2*D*F) + D*C_out "
+    "(Linear weights applied to every token: patch embedding, qkv, proj, fc1, fc2, final linear); "
+    "N_img = 256*D + D^2 + 6*L*D^2 + 2*D^2 (applied once per image: timestep MLP, adaLN "
+    "modulations); forward = 2*(T*N_tok + N_img) + 4*L*T^2*D (QK^T and AV); train = 3*forward "
+    "- 2*T*C_in*D - 2*256*D (backward = 2x forward less the input gradients of the two Linears "
+    "whose inputs need none). I.e. the standard 6*N*T + 12*L*T^2*D with N = per-token weights; "
+    "elementwise ops, the optimiser and fused-attention recompute are not counted (model FLOPs, "
+    "as PaLM's MFU)."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and peaks
+# --------------------------------------------------------------------------------------------
+
+
+def dit_flops(cfg: DiTConfig) -> dict[str, int]:
+    """Matmul FLOPs per image of the DiT (see FLOP_FORMULA), with the terms that make them up."""
+    T, D, L, C_in, C_out = cfg.grid**2, cfg.width, cfg.depth, cfg.in_channels, cfg.out_channels
+    F = int(cfg.width * cfg.mlp_ratio)
+    n_tok = C_in * D + L * (4 * D * D + 2 * D * F) + D * C_out
+    # Per image, not per token: in 6*count_params*T these weights are counted T times over.
+    n_img = TIME_FREQ_DIM * D + D * D + L * 6 * D * D + 2 * D * D
+    attn_fwd = 4 * L * T * T * D
+    forward = 2 * (T * n_tok + n_img) + attn_fwd
+    no_input_grad = 2 * T * C_in * D + 2 * TIME_FREQ_DIM * D
+    return {
+        "tokens": T,
+        "per_token_weights": n_tok,
+        "per_image_weights": n_img,
+        "forward_per_image": forward,
+        "train_per_image": 3 * forward - no_input_grad,
+        "attention_train_per_image": 3 * attn_fwd,
+        "fused_attention_recompute_per_image": 2 * L * T * T * D,
+    }
+
+
+def peak_bf16_tflops(device_name: str) -> tuple[float | None, str | None]:
+    """(dense bf16 peak in TFLOP/s, the table pattern that matched) or (None, None)."""
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return tflops, pattern
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Harness: guarded, budgeted, incrementally written measurements
+# --------------------------------------------------------------------------------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``) arrived: stop, but still write the JSON."""
+
+
+@dataclass
+class Bench:
+    """What every measurement needs: settings, device, precision, deadline and the report."""
+
+    args: argparse.Namespace
+    device: torch.device
+    amp: torch.dtype | None
+    peak_tflops: float | None
+    t_start: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        """Running on a CUDA device."""
+        return self.device.type == "cuda"
+
+    def elapsed(self) -> float:
+        """Seconds since the process started measuring."""
+        return time.monotonic() - self.t_start
+
+    def over_budget(self) -> bool:
+        """--time-budget-s exceeded: start nothing new, stop timed loops."""
+        return self.elapsed() > self.args.time_budget_s
+
+    def sync(self) -> None:
+        """Wait for the device (CUDA runs asynchronously)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self) -> Any:
+        """bf16 autocast on CUDA (as the training job and the brief), nothing on CPU."""
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def mfu(self, flops_per_s: float) -> float | None:
+        """Model FLOP utilisation against the dense bf16 peak; None where no peak is known."""
+        return None if self.peak_tflops is None else flops_per_s / (self.peak_tflops * 1e12)
+
+    def write(self) -> None:
+        """Rewrite the JSON with everything so far."""
+        self.report["elapsed_s"] = round(self.elapsed(), 2)
+        write_json(self.args.out, self.report)
+
+    def measure(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        """Run one measurement; record its result, an OOM, an error or a budget skip; write."""
+        out: dict[str, Any]
+        if self.over_budget():
+            out = {"skipped": f"time budget of {self.args.time_budget_s} s exceeded"}
+            print(f"  {name}: skipped (time budget)", flush=True)
+        else:
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.monotonic()
+            try:
+                out = fn()
+            except torch.cuda.OutOfMemoryError as e:
+                out = {"error": "out of memory", "message": str(e)[:600]}
+            except Exception as e:  # one failure must not lose the other measurements
+                out = {
+                    "error": type(e).__name__,
+                    "message": str(e)[:600],
+                    "traceback": traceback.format_exc()[-2000:],
+                }
+            # The exception (and the frames holding its tensors) is gone here: free its memory.
+            gc.collect()
+            if self.cuda:
+                peak = torch.cuda.max_memory_allocated(self.device)
+                out["peak_memory_gib"] = round(peak / 2**30, 3)
+                torch.cuda.empty_cache()
+            out["wall_s"] = round(time.monotonic() - t0, 2)
+            shown = {k: v for k, v in out.items() if not isinstance(v, (dict, list))}
+            print(f"  {name}: {shown}", flush=True)
+        self.report["measurements"][name] = out
+        self.write()
+
+    def timed(self, fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+        """Seconds of each timed call of ``fn`` (synchronised on both sides), after ``warmup``
+        untimed calls; stops early (at least one timed call) once over budget."""
+        for _ in range(warmup):
+            if self.over_budget():
+                break
+            fn()
+        times = []
+        for _ in range(max(iters, 1)):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+            if self.over_budget():
+                break
+        return times
+
+
+def _ms(xs: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": round(1000 * float(np.median(xs)), 3),
+        "min_ms": round(1000 * min(xs), 3),
+        "max_ms": round(1000 * max(xs), 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+def build_dit(cfg: DiTConfig, device: torch.device) -> DiT:
+    """A randomly initialised DiT on ``device``, nudged off its zero init (adaLN, output)."""
+    torch.manual_seed(0)
+    with device:  # build on the device: initialising 675M parameters on the host is slow
+        dit = DiT(cfg)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return dit
+
+
+def bench_train(
+    b: Bench, dit: DiT, flops: dict[str, int], job_step: bool = False, compiled: bool = False
+) -> dict[str, Any]:
+    """Images/s, step time and MFU of one training step (see the module docstring)."""
+    a, cfg = b.args, dit.cfg
+    B = a.train_batch
+    dit.train()
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    flow = FlowLoss(0.4)
+    ema = EMA(dit, 0.9999) if job_step else None
+    model: Any = torch.compile(dit) if compiled else dit
+    x = torch.randn(B, cfg.grid**2, cfg.in_channels, device=b.device)  # (B, T, C)
+    y = torch.randint(0, cfg.num_classes, (B,), device=b.device)
+
+    def step() -> None:
+        with b.autocast():
+            loss = flow(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if job_step:
+            torch.nn.utils.clip_grad_norm_(dit.parameters(), math.inf)
+        opt.step()
+        if ema is not None:
+            ema.update(dit)
+
+    compile_s = None
+    try:
+        if compiled:  # the first call compiles; keep it out of the warm-up count
+            t0 = time.perf_counter()
+            step()
+            b.sync()
+            compile_s = round(time.perf_counter() - t0, 2)
+        times = b.timed(step, a.warmup, a.iters)
+    finally:  # gradients live on the shared model, not in this frame: free them even on OOM
+        dit.zero_grad(set_to_none=True)
+    ips = B * len(times) / sum(times)
+    flops_per_s = ips * flops["train_per_image"]
+    out = {
+        "batch": B,
+        "timed_steps": len(times),
+        "images_per_s": round(ips, 3),
+        "step": _ms(times),
+        "model_tflops_per_s": round(flops_per_s / 1e12, 3),
+        "mfu": None if (m := b.mfu(flops_per_s)) is None else round(m, 4),
+    }
+    if compile_s is not None:
+        out["compile_first_step_s"] = compile_s
+    return out
+
+
+def bench_flop_counter(b: Bench, dit: DiT, flops: dict[str, int]) -> dict[str, Any]:
+    """FlopCounterMode totals of one forward+backward against the formula."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, B = dit.cfg, b.args.train_batch
+    x = torch.randn(B, cfg.grid**2, cfg.in_channels, device=b.device)
+    y = torch.randint(0, cfg.num_classes, (B,), device=b.device)
+    formula = B * flops["train_per_image"]
+    out: dict[str, Any] = {"batch": B, "formula": formula}
+    backends: dict[str, AbstractContextManager[Any]] = {
+        "math_sdpa": sdpa_kernel(SDPBackend.MATH),
+        "default_sdpa": nullcontext(),
+    }
+    for name, backend in backends.items():
+        try:
+            with backend, FlopCounterMode(display=False) as counter:
+                with b.autocast():
+                    loss = FlowLoss(0.4)(dit, x, y)
+                loss.backward()
+        finally:
+            dit.zero_grad(set_to_none=True)
+        total = counter.get_total_flops()
+        out[name] = {
+            "counted": total,
+            "ratio_to_formula": round(total / formula, 6),
+            "by_op": {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()},
+        }
+    recompute = B * flops["fused_attention_recompute_per_image"]
+    out["note"] = (
+        "math_sdpa must equal the formula (ratio 1); default_sdpa on CUDA adds the fused "
+        f"backward's recompute of QK^T (formula + {recompute}), on CPU it misses the fused "
+        "attention kernel altogether"
+    )
+    return out
+
+
+def build_decoder(b: Bench, dit: DiT) -> Decoder:
+    """The autoencoder's decoder alone (random weights), for latents of the DiT's shape."""
+    ae_cfg = ae_preset(b.args.ae)
+    resolution = dit.cfg.grid * ae_cfg.decoder.upsample_factor
+    torch.manual_seed(1)
+    with b.device:
+        return Decoder(ae_cfg.decoder, dit.cfg.in_channels, resolution).eval()
+
+
+def bench_sample(
+    b: Bench, dit: DiT, decoder: Decoder, flops: dict[str, int], batch: int
+) -> dict[str, Any]:
+    """Sampling + decode throughput at one batch size, and the decoder's share of it."""
+    a, cfg = b.args, dit.cfg
+    dit.eval()
+    scfg = SamplerConfig(steps=a.steps, kind="euler", cfg_scale=a.cfg_scale)
+    labels = torch.arange(batch) % cfg.num_classes
+    seeds = list(range(batch))
+    zero, one = np.zeros(cfg.in_channels), np.ones(cfg.in_channels)
+    stats = LatentStats(zero, one)  # identity de-normalisation, same arithmetic as real stats
+    parts: list[tuple[float, float]] = []
+    checks: list[tuple[bool, list[int]]] = []
+
+    def once() -> None:
+        b.sync()
+        t0 = time.perf_counter()
+        with b.autocast():
+            tokens = generate_latents(dit, labels, seeds, scfg)  # (B, T, C)
+        b.sync()
+        t1 = time.perf_counter()
+        # generate.decode_tokens with the decoder alone (it takes a whole SVGAutoencoder)
+        with torch.no_grad(), b.autocast():
+            z = stats.denormalize(tokens, channel_dim=2)
+            images = decoder(tokens_to_latents(z, cfg.grid)).clamp(-1, 1)  # (B, 3, H, W)
+        b.sync()
+        parts.append((t1 - t0, time.perf_counter() - t1))
+        checks.append((bool(torch.isfinite(images).all()), list(images.shape)))  # untimed
+
+    runs = len(b.timed(once, a.warmup, a.iters))
+    timed = parts[-runs:]
+    totals = [p[0] + p[1] for p in timed]
+    dit_s = float(np.median([p[0] for p in timed]))
+    dec_s = float(np.median([p[1] for p in timed]))
+    total_s = float(np.median(totals))
+    cfg_factor = 2 if scfg.cfg_scale != 1.0 else 1
+    dit_flops_per_s = a.steps * cfg_factor * batch * flops["forward_per_image"] / dit_s
+    return {
+        "batch": batch,
+        "steps": a.steps,
+        "sampler": f"euler, time shift {scfg.time_shift}, cfg {scfg.cfg_scale} constant",
+        "timed_runs": runs,
+        "images_per_s": round(batch / total_s, 3),
+        "ms_per_image": round(1000 * total_s / batch, 3),
+        "total": _ms(totals),
+        "dit_ms": round(1000 * dit_s, 3),
+        "decode_ms": round(1000 * dec_s, 3),
+        "decoder_share": round(dec_s / (dit_s + dec_s), 4),
+        "dit_images_per_s": round(batch / dit_s, 3),
+        "dit_model_tflops_per_s": round(dit_flops_per_s / 1e12, 3),
+        "dit_mfu": None if (m := b.mfu(dit_flops_per_s)) is None else round(m, 4),
+        "image_shape": checks[-1][1],
+        "outputs_finite": all(ok for ok, _ in checks),
+    }
+
+
+def bench_decoder_flops(b: Bench, dit: DiT, decoder: Decoder) -> dict[str, Any]:
+    """Decoder FLOPs for one image (convs + attention matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z = torch.randn(1, dit.cfg.in_channels, dit.cfg.grid, dit.cfg.grid, device=b.device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        with b.autocast():
+            decoder(z)
+    return {
+        "gflops_per_image": round(c.get_total_flops() / 1e9, 3),
+        "params_m": round(count_params(decoder) / 1e6, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def environment(
+    device: torch.device, peak: float | None, peak_source: str | None
+) -> dict[str, Any]:
+    """torch/CUDA versions, the device and its peak, the host."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "peak_bf16_tflops": peak,
+        "peak_source": peak_source,
+        "host": machine(),
+    }
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=torch.cuda.get_device_name(device),
+            capability=list(torch.cuda.get_device_capability(device)),
+            multiprocessors=prop.multi_processor_count,
+            total_memory_gib=round(prop.total_memory / 2**30, 2),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
+    else:
+        env["device_name"] = f"cpu: {cpu_model()}"
+    return env
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags; --device cpu only with a small model (a smoke run)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="outputs/bench/gpu.json")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for a smoke run")
+    p.add_argument("--model", default="SVG-XL", choices=sorted(DIT_SIZES))
+    p.add_argument(
+        "--ae", default=None, choices=["svg", "debug"], help="decoder preset (default: svg; debug "
+        "with --model debug)"
+    )  # fmt: skip
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--sample-batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--steps", type=int, default=25, help="Euler steps per sample")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG weight (1 = no CFG)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per measurement")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd training")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (unknown card)")
+    p.add_argument(
+        "--time-budget-s", type=float, default=360.0,
+        help="start no measurement after this many seconds (timed loops stop early too)",
+    )  # fmt: skip
+    a = p.parse_args(argv)
+    if a.ae is None:
+        a.ae = "debug" if a.model == "debug" else "svg"
+    if a.device.startswith("cpu") and a.model not in ("debug", "demo"):
+        p.error("--device cpu is for smoke runs: add --model debug")
+    if min(a.train_batch, *a.sample_batches, a.steps) < 1 or a.warmup < 0 or a.iters < 1:
+        p.error("batches, --steps and --iters must be >= 1, --warmup >= 0")
+    return a
+
+
+def summary_line(report: dict[str, Any], out: Path) -> str:
+    """One line: train images/s and MFU, sampling images/s, ms/image, decoder share, memory."""
+    m, env = report["measurements"], report["env"]
+
+    def show(name: str, fmt: Callable[[dict[str, Any]], str]) -> str:
+        r = m.get(name, {})
+        if "error" in r or "skipped" in r or not r:
+            return f"{name} {r.get('error') or r.get('skipped') or 'not run'}"
+        return fmt(r)
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    parts = [
+        show(
+            "train",
+            lambda r: f"train bs{r['batch']} {r['images_per_s']:.1f} img/s MFU {pct(r['mfu'])}",
+        ),
+        show("train_job_step", lambda r: f"+grad-norm+EMA {r['images_per_s']:.1f} img/s"),
+    ]
+    if "train_compiled" in m:
+        parts.append(show("train_compiled", lambda r: f"compiled {r['images_per_s']:.1f} img/s"))
+    for bs in report["config"]["sample_batches"]:
+        parts.append(
+            show(
+                f"sample_b{bs}",
+                lambda r: (
+                    f"sample b{r['batch']} {r['images_per_s']:.2f} img/s "
+                    f"{r['ms_per_image']:.1f} ms/img decoder {r['decoder_share']:.0%}"
+                ),
+            )
+        )
+    peaks = [r["peak_memory_gib"] for r in m.values() if "peak_memory_gib" in r]
+    mem = f"; peak mem {max(peaks):.1f} GiB" if peaks else ""
+    return (
+        f"bench gpu [{env['device_name']}, torch {env['torch']}, {report['config']['model']}, "
+        f"{report['config']['steps']} steps]: " + "; ".join(parts) + mem + f" -> {out}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurements in turn, rewriting the JSON after each; print a one-line summary."""
+    t_start = time.monotonic()
+    a = parse_args(argv)
+
+    def on_term(*_: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)  # `timeout` still leaves a JSON
+    try:
+        return run(a, t_start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(a: argparse.Namespace, t_start: float) -> int:
+    """Build the models, run every measurement; the exit status."""
+    device = torch.device(a.device)
+    report: dict[str, Any] = {
+        "benchmark": "gpu",
+        "status": "running",
+        "config": vars(a),
+        "measurements": {},
+    }
+    if device.type == "cuda" and not torch.cuda.is_available():
+        report.update(
+            status="failed", error="no CUDA device (smoke run: --device cpu --model debug)"
+        )
+        write_json(a.out, report)
+        print(f"bench gpu: {report['error']}", file=sys.stderr)
+        return 2
+
+    if device.type == "cuda":
+        # As training.common.device_and_precision: TF32 for the fp32 matmuls left outside bf16.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        peak, source = peak_bf16_tflops(torch.cuda.get_device_name(device))
+        amp: torch.dtype | None = torch.bfloat16
+    else:
+        peak, source, amp = None, None, None
+    if a.peak_tflops is not None:
+        peak, source = a.peak_tflops, "--peak-tflops"
+
+    b = Bench(a, device, amp, peak, t_start, report)
+    report["env"] = environment(device, peak, source)
+    report["precision"] = "bf16 autocast + TF32" if amp is not None else "fp32"
+    cfg = dit_config(a.model)
+    flops = dit_flops(cfg)
+    report["model"] = {
+        "name": a.model,
+        **DIT_SIZES[a.model],
+        "latent_tokens_x_channels": [cfg.grid**2, cfg.in_channels],
+        "num_classes": cfg.num_classes,
+        "decoder_preset": a.ae,
+    }
+    report["flops"] = {
+        "formula": FLOP_FORMULA,
+        **flops,
+        "train_per_step": a.train_batch * flops["train_per_image"],
+    }
+    b.write()
+    print(f"bench gpu: {report['env']['device_name']} torch {torch.__version__}", flush=True)
+    try:
+        t0 = time.monotonic()
+        dit = build_dit(cfg, device)
+        params = count_params(dit)
+        report["model"]["params_m"] = round(params / 1e6, 3)
+        # What 6 * count_params * T would claim: adaLN weights act once per image, not per token.
+        report["flops"]["naive_6NT_per_image"] = 6 * params * flops["tokens"]
+        report["flops"]["naive_over_formula"] = round(
+            report["flops"]["naive_6NT_per_image"] / flops["train_per_image"], 4
+        )
+        decoder = build_decoder(b, dit)
+        b.sync()
+        report["model"]["build_s"] = round(time.monotonic() - t0, 2)
+        report["model"]["decoder_params_m"] = round(count_params(decoder) / 1e6, 3)
+        b.write()
+
+        b.measure("train", lambda: bench_train(b, dit, flops))
+        b.measure("train_job_step", lambda: bench_train(b, dit, flops, job_step=True))
+        b.measure("flop_counter", lambda: bench_flop_counter(b, dit, flops))
+        for bs in a.sample_batches:
+            b.measure(f"sample_b{bs}", functools.partial(bench_sample, b, dit, decoder, flops, bs))
+        b.measure("decoder_flops", lambda: bench_decoder_flops(b, dit, decoder))
+        if a.compile:
+            b.measure("train_compiled", lambda: bench_train(b, dit, flops, compiled=True))
+        errors = [k for k, v in report["measurements"].items() if "error" in v]
+        skipped = [k for k, v in report["measurements"].items() if "skipped" in v]
+        report["status"] = (
+            f"errors in {errors}" if errors else f"partial: time budget, skipped {skipped}"
+            if skipped else "complete"
+        )  # fmt: skip
+    except Terminated:
+        report["status"] = "terminated by SIGTERM (partial)"
+    except Exception as e:  # the model itself did not build: still leave a JSON behind
+        report["status"] = "failed"
+        report["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        report["traceback"] = traceback.format_exc()[-2000:]
+    b.write()
+    print(summary_line(report, Path(a.out)), flush=True)
+    # Skips for the time budget are the design working; errors and SIGTERM are not.
+    status = report["status"]
+    return 0 if status == "complete" or status.startswith("partial: time budget") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
