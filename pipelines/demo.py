@@ -44,7 +44,7 @@ class DemoConfig:
     """Local folder for images, runs, latents, grids and the summary."""
     num_workers: int = 2
     """Ray Train workers per training stage (CPU, gloo)."""
-    ae_steps: int = 300
+    ae_steps: int = 200
     """Autoencoder steps (residual encoder + decoder; DINO frozen)."""
     ae_batch: int = 32
     """Autoencoder global batch."""
@@ -187,7 +187,7 @@ def _precompute(images: Path, out: Path, autoencoder: str, p: _Progress) -> Any:
         input=str(images),
         out=str(latents),
         autoencoder=autoencoder,
-        rows_per_shard=512,
+        rows_per_shard=300,  # 6 shards: the 2 workers get 900 and 897 rows
         batch_size=128,
         decoders=1,
         decode_cpus=0.5,
