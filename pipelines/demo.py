@@ -407,10 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
+    ours = not ray.is_initialized()  # shut down only the cluster this call starts
     try:
         run(cfg)
     finally:
-        if ray.is_initialized():
+        if ours and ray.is_initialized():
             ray.shutdown()
     return 0
 

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     from svg_ray.checkpoint import CheckpointError
     from svg_ray.data.manifest import ManifestError
 
+    started = False  # shut down only a cluster this call started, never a caller's
+
     def connect() -> None:
+        nonlocal started
+        started = True
         if args.ray_address:
             ray.init(address=args.ray_address)
         else:
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"svg-ray precompute: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if ray.is_initialized():
+        if started and ray.is_initialized():
             ray.shutdown()
     print(result.summary_line(), flush=True)
     print(f"[precompute] next: svg-ray train --data {result.out}", flush=True)

@@ -307,7 +307,10 @@ def _scenario_serve(ray: Any) -> dict[str, Any]:
     added_type = None
     add_s = full_s = None
     max_seen = 0
-    while time.monotonic() - t0 < 60 and (added is None or full_s is None):
+    # Until the new node is up, three replicas run, and requests were answered on two nodes.
+    while time.monotonic() - t0 < 60 and (
+        added is None or full_s is None or len(replica_nodes) < 2
+    ):
         batch = [handle.remote() for _ in range(8)]  # 8 concurrent slow requests
         replica_nodes.update(r.result(timeout_s=60) for r in batch)
         new = {i: n for i, n in _alive(ray).items() if i not in before}

@@ -92,7 +92,7 @@ def test_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "found an earlier demo: resuming" in again.stdout
     assert again.stdout.count("already finished at step") == 2
-    assert "(4 of 4 chunks already done)" in again.stdout
+    assert "(6 of 6 chunks already done)" in again.stdout  # 1,797 rows, 300 per shard
     assert json.loads((out / "summary.json").read_text())["diffusion_run"]["state"] == (
         "already finished"
     )

@@ -206,8 +206,10 @@ def test_stages_chain_without_ray_including_an_all_bad_chunk(
 
 
 def test_entrypoint_validates_inputs(
-    tmp_path: Path, ae_path: str, capsys: pytest.CaptureFixture[str]
+    ray_session: None, tmp_path: Path, ae_path: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import ray
+
     common = ["--out", str(tmp_path / "o")]
     assert precompute_main(["--input", str(tmp_path / "nope"), "--autoencoder", ae_path, *common])
     assert "input not found" in capsys.readouterr().err
@@ -222,6 +224,8 @@ def test_entrypoint_validates_inputs(
         precompute_main(["--input", "x", "--out", "y", "--autoencoder", "z", "--dtype", "fp8"])
     with pytest.raises(ConfigError):
         PrecomputeConfig(input="a", out="a", autoencoder="m")
+    # A caller's Ray (here the test session's) is left running: main stops only what it started.
+    assert ray.is_initialized()
 
 
 # --------------------------------------------------------------------------------------------

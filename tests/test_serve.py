@@ -365,7 +365,7 @@ def test_playground_generates_in_chromium(service: Service, chromium: DevTools) 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_load_no_5xx_and_autoscaling_adds_a_replica(service: Service) -> None:
     """Sustained load at concurrency 8 until the CPU config's autoscaler goes from 1 to 2
     sampler replicas (bounded in time): no 5xx, latency percentiles reported.
@@ -379,7 +379,7 @@ def test_load_no_5xx_and_autoscaling_adds_a_replica(service: Service) -> None:
         states = serve.status().applications[APP].deployments["SVGSampler"].replica_states
         return {str(k): int(v) for k, v in states.items()}
 
-    concurrency, min_requests, time_limit_s = 8, 60, 150.0
+    concurrency, min_requests, time_limit_s = 8, 60, 200.0
     seen: list[dict[str, int]] = []
     scaled = threading.Event()
     lock = threading.Lock()
@@ -390,7 +390,9 @@ def test_load_no_5xx_and_autoscaling_adds_a_replica(service: Service) -> None:
         while time.monotonic() < deadline and not scaled.is_set():
             states = replicas()
             seen.append(states)
-            if sum(states.values()) >= 2:
+            # Load stays on until the new replica runs: without load, a replica that is still
+            # starting is the first the autoscaler stops again.
+            if states.get("RUNNING", 0) >= 2:
                 scaled.set()
             time.sleep(0.5)
 
@@ -441,7 +443,7 @@ def test_load_no_5xx_and_autoscaling_adds_a_replica(service: Service) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(330)
 def test_killed_replica_is_replaced_and_others_keep_serving(service: Service) -> None:
     """Kill one of the two sampler replicas under load: Serve starts a new one; only requests
     that were inside the killed replica may fail, the rest are served."""
@@ -478,7 +480,7 @@ def test_killed_replica_is_replaced_and_others_keep_serving(service: Service) ->
                 statuses.append(status)
             i += 6
 
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 270
     with ThreadPoolExecutor(6) as ex:
         futures = [ex.submit(client, w) for w in range(6)]
         try:
