@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,12 +44,6 @@ ENV = {
     "AUTOSCALER_UPDATE_INTERVAL_S": "1",
     "OMP_NUM_THREADS": "1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pids_with(text: str) -> list[int]:
@@ -95,8 +88,10 @@ def _stop(proc: subprocess.Popen, temp_dir: str) -> dict[str, Any]:  # type: ign
 @pytest.fixture(scope="module")
 def fake_cluster() -> Iterator[dict[str, Any]]:
     """A fake-provider head on loopback, in its own session; yields address, temp dir, env."""
+    from procs import free_port
+
     temp_dir = tempfile.mkdtemp(prefix="rfk", dir="/tmp")  # socket paths must stay short
-    port = _free_port()
+    port = free_port()
     config = yaml.safe_load(FAKE_CONFIG.read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
     config["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
@@ -117,16 +112,16 @@ def fake_cluster() -> Iterator[dict[str, Any]]:
         f"--temp-dir={temp_dir}",
         f"--autoscaling-config={config_path}",
         "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
         # Every port chosen free: other Rays on this machine (developers', parallel tests') hold
         # the defaults. The fake worker nodes pick random ports themselves.
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
         "--disable-usage-stats",
     ]
     log = open(Path(temp_dir) / "head.log", "wb")  # closed in the finally below

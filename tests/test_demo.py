@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from procs import free_port
 
 from svg_ray.checkpoint import load_bundle
 
@@ -27,7 +27,7 @@ def test_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "svg_ray.cli", "demo", "--out-dir", str(out)]
     cmd += ["--ae-steps", "4", "--ae-batch", "8", "--dit-model", "debug", "--dit-steps", "8"]
-    cmd += ["--dit-batch", "16", "--sample-steps", "2", "--port", str(_free_port())]
+    cmd += ["--dit-batch", "16", "--sample-steps", "2", "--port", str(free_port())]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     # cwd: the embedded default MLflow store is ./outputs/mlflow.db
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=800, cwd=tmp_path, env=env)
@@ -102,12 +102,6 @@ def test_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
 def dit_name(summary: dict) -> str:
     """The diffusion run is named after the latent dataset's autoencoder id."""
     return Path(summary["latents"]).name[:8]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_cli_rejects_unknown_command_and_bad_option() -> None:

@@ -6,26 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import stop_process_group
+from procs import free_port, stop_process_group, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -38,21 +30,21 @@ def head() -> Iterator[str]:
     """Dashboard (job server) address of a `ray start --head --block` in its own session."""
     # A short temp dir: Ray's socket paths must stay under 107 characters.
     temp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
-    dash = _free_port()
+    dash = free_port()
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block",
-        "--port", str(_free_port()),
+        "--port", str(free_port()),
         "--node-ip-address", "127.0.0.1",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
         # Every port free-chosen: another Ray on this machine (a developer's, a parallel test's)
         # holds the defaults, and a node agent that cannot bind never accepts a job.
-        "--dashboard-agent-listen-port", str(_free_port()),
-        "--dashboard-agent-grpc-port", str(_free_port()),
-        "--metrics-export-port", str(_free_port()),
-        "--runtime-env-agent-port", str(_free_port()),
-        "--ray-client-server-port", str(_free_port()),
-        "--node-manager-port", str(_free_port()),
-        "--object-manager-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
+        "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()),
         "--num-cpus", "4",  # training workers must never starve Ray Data reads (environment.md)
         "--temp-dir", temp, "--disable-usage-stats",
     ]  # fmt: skip
@@ -63,16 +55,9 @@ def head() -> Iterator[str]:
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "ray start --head did not bring up the dashboard"
-            time.sleep(0.5)
+        wait_http(
+            f"{address}/api/version", proc, deadline, "ray start --head", Path(temp) / "head.log"
+        )
         _wait_for_job_agent(address, proc, deadline)
         yield address
     finally:

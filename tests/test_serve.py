@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from procs import stop_process_group
+from procs import free_port, stop_process_group
 from test_serve_lib import BAD_REQUESTS, NUM_CLASSES, make_bundle
 
 from svg_ray.serving.images import decode_png
@@ -34,12 +33,6 @@ pytestmark = [pytest.mark.slow]
 
 SERVE_DIR = Path(__file__).resolve().parents[1] / "serve"
 APP = "svg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
