@@ -26,6 +26,7 @@ from torch import nn
 from svg_ray import storage
 from svg_ray.config import from_dict, to_dict
 from svg_ray.data.stats import LatentStats
+from svg_ray.errors import SvgRayError
 from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder
 from svg_ray.models.dit import DiT, DiTConfig
 
@@ -34,7 +35,7 @@ DIT_FORMAT = "svg-ray-dit/1"
 BUNDLE_FORMAT = "svg-ray-bundle/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SvgRayError, RuntimeError):
     """A checkpoint is missing, of the wrong kind, or does not match its model."""
 
 

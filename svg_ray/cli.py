@@ -35,12 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the input was wrong": printed as one line, never a traceback."""
-    from svg_ray.checkpoint import CheckpointError
-    from svg_ray.config import ConfigError
-    from svg_ray.data.manifest import ManifestError
-    from svg_ray.weights import AssetError
+    from svg_ray.errors import SvgRayError
 
-    return (ConfigError, AssetError, CheckpointError, ManifestError)
+    return (SvgRayError,)
 
 
 def main(argv: list[str] | None = None) -> int:

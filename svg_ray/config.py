@@ -12,10 +12,12 @@ import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from svg_ray.errors import SvgRayError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SvgRayError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 

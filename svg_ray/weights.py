@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from svg_ray.errors import SvgRayError
 
-class AssetError(RuntimeError):
+
+class AssetError(SvgRayError, RuntimeError):
     """A pretrained asset is missing, unreadable or fails its checksum."""
 
 

@@ -24,12 +24,13 @@ import torch
 from svg_ray import storage
 from svg_ray.data import schema
 from svg_ray.data.stats import LatentStats
+from svg_ray.errors import SvgRayError
 
 MANIFEST_FORMAT = "svg-ray-latents/1"
 LATENT_DTYPES = ("float16", "bfloat16")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(SvgRayError, RuntimeError):
     """A precomputed dataset is missing, incomplete or malformed."""
 
 

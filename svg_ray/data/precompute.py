@@ -48,6 +48,7 @@ from svg_ray.data.manifest import (
     latents_to_torch,
 )
 from svg_ray.data.stats import ChannelMoments
+from svg_ray.errors import SvgRayError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ ROW_GROUP_BYTES = 32 << 20
 """Target Parquet row-group size: big enough for S3 throughput, small enough to stream."""
 
 
-class PrecomputeError(RuntimeError):
+class PrecomputeError(SvgRayError, RuntimeError):
     """The job cannot run as configured (missing input, foreign output folder, ...)."""
 
 

@@ -19,11 +19,12 @@ import numpy as np
 
 from svg_ray import storage
 from svg_ray.config import ConfigError
+from svg_ray.errors import SvgRayError
 
 REFERENCE_OPTION = "--reference"
 
 
-class ImageCountError(RuntimeError):
+class ImageCountError(SvgRayError, RuntimeError):
     """Fewer (or other) images were evaluated than were asked for."""
 
 

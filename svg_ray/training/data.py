@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from svg_ray import storage
+from svg_ray.config import ConfigError
 from svg_ray.data import schema
 from svg_ray.data.manifest import DatasetManifest, latents_to_torch
 
@@ -62,13 +63,13 @@ def plan(manifest: DatasetManifest, root: str, world: int, per_worker_batch: int
     """Balance shards over ranks; fail early if any rank cannot fill one batch."""
     uris = manifest.shard_uris(root)
     if not uris:
-        raise ValueError(f"the dataset at {root} lists no shards in its manifest")
+        raise ConfigError(f"the dataset at {root} lists no shards in its manifest")
     rows = shard_rows(uris)
     groups = assign_files(rows, world)
     per_rank = [sum(rows[i] for i in g) for g in groups]
     steps = min(per_rank) // per_worker_batch
     if steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"not enough data: {sum(rows)} rows in {len(uris)} shards give ranks {per_rank} rows, "
             f"fewer than one batch of {per_worker_batch} per worker; lower --global-batch or "
             "--num-workers, or precompute more images (or smaller shards)"
