@@ -697,29 +697,18 @@ def _committed(out: str) -> dict[int, dict[str, Any]]:
 def _cluster_check(cfg: PrecomputeConfig, can_grow: bool) -> None:
     """Refuse (or, on a cluster that may autoscale, warn about) a pipeline that cannot be
     scheduled on the resources present: Ray would wait for them forever."""
-    import ray
+    from svg_ray.ray_cluster import check_resources
 
-    res = ray.cluster_resources()
-    need_cpu = cfg.decode_cpus + cfg.encoders * cfg.encode_cpus + cfg.write_cpus
-    need_gpu = cfg.encoders * cfg.encode_gpus
-    have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    problems = []
-    if need_cpu > have_cpu + 1e-9:
-        problems.append(
-            f"the pipeline needs at least {need_cpu:g} CPUs (1 decoder x {cfg.decode_cpus:g} + "
-            f"{cfg.encoders} encoder(s) x {cfg.encode_cpus:g} + 1 writer x {cfg.write_cpus:g}) "
-            f"but the Ray cluster has {have_cpu:g}; lower --decode-cpus/--encode-cpus/--encoders "
-            "or give a local cluster more logical CPUs (--num-cpus)"
-        )
-    if need_gpu > have_gpu + 1e-9:
-        problems.append(
-            f"--encode-gpus {cfg.encode_gpus:g} x --encoders {cfg.encoders} needs {need_gpu:g} "
-            f"GPUs but the Ray cluster has {have_gpu:g}"
-        )
-    if problems and not can_grow:
-        raise PrecomputeError("; ".join(problems))
-    for p in problems:
-        log.warning("%s (waiting for the autoscaler to add nodes)", p)
+    check_resources(
+        cfg.decode_cpus + cfg.encoders * cfg.encode_cpus + cfg.write_cpus,
+        cfg.encoders * cfg.encode_gpus,
+        f"the pipeline (1 decoder x {cfg.decode_cpus:g} CPUs + {cfg.encoders} encoder(s) x "
+        f"{cfg.encode_cpus:g} CPUs and {cfg.encode_gpus:g} GPUs + 1 writer x "
+        f"{cfg.write_cpus:g} CPUs)",
+        "lower --decode-cpus/--encode-cpus/--encode-gpus/--encoders or give a local cluster "
+        "more logical CPUs (--num-cpus)",
+        can_grow,
+    )
 
 
 def _run_chunks(cfg: PrecomputeConfig, specs: list[str], resolution: int) -> list[dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -195,31 +194,16 @@ def read_bundle_json(uri: str) -> dict[str, Any]:
 
 def start_ray(run: EvalRun) -> None:
     """Connect (RAY_ADDRESS) or start a local cluster, and refuse work it can never schedule."""
-    import ray
-
-    from svg_ray.training.common import ensure_ray
+    from svg_ray.ray_cluster import check_resources, ensure_ray
 
     ensure_ray()
-    res = ray.cluster_resources()
-    need_cpu = run.workers * run.cpus_per_worker + run.decode_cpus
-    need_gpu = run.workers * run.gpus_per_worker
-    have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    problems = []
-    if need_cpu > have_cpu + 1e-9:
-        problems.append(
-            f"{run.workers} worker(s) x {run.cpus_per_worker:g} CPUs + a decoder x "
-            f"{run.decode_cpus:g} need {need_cpu:g} CPUs but the Ray cluster has {have_cpu:g}: "
-            "lower --workers or --cpus-per-worker"
-        )
-    if need_gpu > have_gpu + 1e-9:
-        problems.append(
-            f"{run.workers} worker(s) x --gpus-per-worker {run.gpus_per_worker:g} need "
-            f"{need_gpu:g} GPUs but the Ray cluster has {have_gpu:g}"
-        )
-    if problems and not os.environ.get("RAY_ADDRESS"):
-        raise ConfigError("; ".join(problems))
-    for p in problems:  # a cluster we joined may autoscale
-        print(f"[eval] warning: {p} (waiting for the autoscaler to add nodes)", flush=True)
+    check_resources(
+        run.workers * run.cpus_per_worker + run.decode_cpus,
+        run.workers * run.gpus_per_worker,
+        f"{run.workers} worker(s) x {run.cpus_per_worker:g} CPUs and {run.gpus_per_worker:g} "
+        f"GPUs + a decoder x {run.decode_cpus:g} CPUs",
+        "lower --workers, --cpus-per-worker or --gpus-per-worker",
+    )
 
 
 def run_stage(
