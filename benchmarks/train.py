@@ -493,7 +493,7 @@ def ray_job(cfg: DiffusionTrainConfig, run: RunSettings, tracking_uri: str) -> d
     client = MlflowClient(tracking_uri=tracking_uri)
 
     def history(key: str) -> list[Any]:
-        return sorted(client.get_metric_history(out["run_id"], key), key=lambda m: int(m.step))
+        return sorted(client.get_metric_history(out.run_id, key), key=lambda m: int(m.step))
 
     ips = history("images_per_s")
     worker = sampler.train_worker()
@@ -506,7 +506,7 @@ def ray_job(cfg: DiffusionTrainConfig, run: RunSettings, tracking_uri: str) -> d
         if worker is not None:
             cpu_worker.append(sampler.cpu_between(t0w, t1, {worker}))
     return {
-        "run_id": out["run_id"],
+        "run_id": out.run_id,
         "wall_s": wall,
         "images_per_s": [float(m.value) for m in ips],
         "data_wait": [float(m.value) for m in history("data_wait_fraction")],

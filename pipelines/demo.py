@@ -19,7 +19,6 @@ precompute skips committed shards; each stage says whether it started fresh or r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,11 +26,12 @@ import socket
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svg_ray.config import add_arguments, parse_arguments, require, to_dict
+from svg_ray.command import Command, Section
+from svg_ray.config import require, to_dict
 
 STAGES = 6
 
@@ -82,6 +82,33 @@ class DemoConfig:
             f"demo.ae_batch and demo.dit_batch must be divisible by num_workers {self.num_workers}",
         )
         require(0 < self.port < 65536, f"demo.port must be a TCP port, got {self.port}")
+
+
+@dataclass
+class StageRun:
+    """What a training stage of the demo did."""
+
+    output: str
+    """The exported model (autoencoder file or sampler bundle folder)."""
+    state: str
+    """'started', 'resumed' or 'already finished'."""
+    run_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: Any) -> StageRun:
+        """From a training job's ``RunResult``."""
+        state = "resumed" if result.resumed else "started"
+        return cls(result.output, state, result.run_id, dict(result.metrics))
+
+    def metric(self, name: str) -> str:
+        """`` (name value)`` when the stage reported it."""
+        value = self.metrics.get(name)
+        return f" ({name} {value:.4f})" if isinstance(value, float) else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """For summary.json."""
+        return {"state": self.state, "run_id": self.run_id, "metrics": self.metrics}
 
 
 class _Progress:
@@ -136,7 +163,7 @@ def _finished_step(path: Path, kind: str) -> int:
         return 0
 
 
-def _train_autoencoder(cfg: DemoConfig, images: Path, runs: Path, p: _Progress) -> dict[str, Any]:
+def _train_autoencoder(cfg: DemoConfig, images: Path, runs: Path, p: _Progress) -> StageRun:
     from svg_ray.losses import AELossConfig
     from svg_ray.training.autoencoder import AETrainConfig
     from svg_ray.training.autoencoder import launch as launch_ae
@@ -173,8 +200,8 @@ def _train_autoencoder(cfg: DemoConfig, images: Path, runs: Path, p: _Progress) 
     if done >= cfg.ae_steps:
         # Resuming a finished run would only restart the workers to do nothing.
         p.log(f"run {run.name!r} already finished at step {done}: nothing to resume")
-        return {"autoencoder": f"{run.run_uri}/autoencoder.safetensors", "skipped": True}
-    return launch_ae(tcfg, loss, run)
+        return StageRun(f"{run.run_uri}/autoencoder.safetensors", "already finished")
+    return StageRun.of(launch_ae(tcfg, loss, run))
 
 
 def _precompute(images: Path, out: Path, autoencoder: str, p: _Progress) -> Any:
@@ -198,7 +225,7 @@ def _precompute(images: Path, out: Path, autoencoder: str, p: _Progress) -> Any:
     return run_precompute(pcfg)
 
 
-def _train_diffusion(cfg: DemoConfig, data: str, runs: Path, p: _Progress) -> dict[str, Any]:
+def _train_diffusion(cfg: DemoConfig, data: str, runs: Path, p: _Progress) -> StageRun:
     from svg_ray.training.common import RunSettings
     from svg_ray.training.diffusion import DiffusionTrainConfig
     from svg_ray.training.diffusion import launch as launch_dit
@@ -228,8 +255,8 @@ def _train_diffusion(cfg: DemoConfig, data: str, runs: Path, p: _Progress) -> di
     done = _finished_step(Path(run.run_uri) / "bundle", "bundle")
     if done >= cfg.dit_steps:
         p.log(f"run {run.name!r} already finished at step {done}: nothing to resume")
-        return {"bundle": f"{run.run_uri}/bundle", "skipped": True}
-    return launch_dit(tcfg, run)
+        return StageRun(f"{run.run_uri}/bundle", "already finished")
+    return StageRun.of(launch_dit(tcfg, run))
 
 
 def _sample_grid(cfg: DemoConfig, bundle: str, path: Path) -> None:
@@ -290,7 +317,7 @@ def _serve_one(cfg: DemoConfig, bundle: str, path: Path, p: _Progress) -> str:
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage (resuming what an earlier run finished); returns the summary."""
     from svg_ray import tracking
-    from svg_ray.training.common import ensure_ray
+    from svg_ray.ray_cluster import ensure_ray
 
     p = _Progress()
     out = Path(cfg.out_dir).expanduser().resolve()
@@ -309,19 +336,19 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     ensure_ray()  # one local Ray for every stage (RAY_ADDRESS joins a running cluster instead)
     p.stage(2, f"train the autoencoder with Ray Train ({cfg.num_workers} workers)")
     ae = _train_autoencoder(cfg, images, runs, p)
-    p.log(f"autoencoder: {ae['autoencoder']}" + _metric(ae, "l1"))
+    p.log(f"autoencoder: {ae.output}" + ae.metric("l1"))
 
     p.stage(3, "precompute latents with Ray Data")
-    pre = _precompute(images, out, ae["autoencoder"], p)
+    pre = _precompute(images, out, ae.output, p)
     p.log(pre.summary_line())
 
     p.stage(4, f"train the diffusion transformer with Ray Train ({cfg.num_workers} workers)")
     dit = _train_diffusion(cfg, pre.out, runs, p)
-    p.log(f"sampler bundle: {dit['bundle']}" + _metric(dit, "loss"))
+    p.log(f"sampler bundle: {dit.output}" + dit.metric("loss"))
     # A stable path for `svg-ray serve` (its default model) whatever the run is called.
     bundle = out / "bundle"
     shutil.rmtree(bundle, ignore_errors=True)
-    shutil.copytree(dit["bundle"], bundle)
+    shutil.copytree(dit.output, bundle)
 
     p.stage(5, "sample a grid (10 classes x 8, EMA weights)")
     grid = out / "samples.png"
@@ -340,11 +367,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         "fresh": fresh,
         "out_dir": str(out),
         "images": str(images),
-        "autoencoder": ae["autoencoder"],
-        "autoencoder_run": _run_state(ae),
+        "autoencoder": ae.output,
+        "autoencoder_run": ae.to_dict(),
         "latents": pre.out,
         "latent_rows": pre.manifest.num_rows,
-        "diffusion_run": _run_state(dit),
+        "diffusion_run": dit.to_dict(),
         "bundle": str(bundle),
         "samples_png": str(grid),
         "served_png": str(out / "served.png") if cfg.serve else None,
@@ -355,20 +382,6 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_where(summary, p)
     return summary
-
-
-def _metric(result: dict[str, Any], name: str) -> str:
-    value = result.get("metrics", {}).get(name)
-    return f" ({name} {value:.4f})" if isinstance(value, float) else ""
-
-
-def _run_state(result: dict[str, Any]) -> dict[str, Any]:
-    state = (
-        "already finished"
-        if result.get("skipped")
-        else ("resumed" if result.get("resumed") else "started")
-    )
-    return {"state": state, "run_id": result.get("run_id"), "metrics": result.get("metrics", {})}
 
 
 def _print_where(s: dict[str, Any], p: _Progress) -> None:
@@ -400,9 +413,7 @@ def _print_where(s: dict[str, Any], p: _Progress) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``svg-ray demo [--key value ...]`` with the keys of DemoConfig."""
-    parser = argparse.ArgumentParser(prog="svg-ray demo", description=__doc__.splitlines()[0])
-    add_arguments(parser, DemoConfig)
-    cfg = parse_arguments(DemoConfig, vars(parser.parse_args(argv)), "demo")
+    cfg = Command("svg-ray demo", __doc__, [Section("demo", DemoConfig)]).parse(argv)["demo"]
     # The stages print their own progress; Ray Data's bars would interleave with them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray

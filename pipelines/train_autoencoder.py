@@ -12,39 +12,40 @@ Resubmitting with the same --name and --storage-path resumes the run (and its ML
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from svg_ray.config import add_arguments, parse_arguments
+from svg_ray.command import Command, Section
 from svg_ray.losses import AELossConfig
 from svg_ray.training.autoencoder import AETrainConfig, launch
 from svg_ray.training.common import RunSettings
 
+COMMAND = Command(
+    "svg-ray train-ae",
+    __doc__,
+    [
+        Section("train", AETrainConfig),
+        Section("loss", AELossConfig, group="loss"),
+        # Its own default run name: a diffusion run under the same storage path must not collide.
+        Section("run", RunSettings, group="run", defaults={"name": "svg-ae"}),
+    ],
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, validate, train; prints the summary and the next command."""
-    p = argparse.ArgumentParser(prog="svg-ray train-ae", description=__doc__.splitlines()[0])
-    add_arguments(p, AETrainConfig)
-    add_arguments(p.add_argument_group("loss"), AELossConfig)
-    # Its own default run name: a diffusion run under the same storage path must not collide.
-    add_arguments(p.add_argument_group("run"), RunSettings, defaults=RunSettings(name="svg-ae"))
-    args = vars(p.parse_args(argv))
-    cfg = parse_arguments(AETrainConfig, args, "train")
-    loss = parse_arguments(AELossConfig, args, "ae")
-    run = parse_arguments(RunSettings, args, "run")
-    summary = launch(cfg, loss, run)
+    cfg = COMMAND.parse(argv)
+    result = launch(cfg["train"], cfg["loss"], cfg["run"])
     print(
-        f"[train-ae] done: step {summary['metrics'].get('step')} L1 "
-        f"{summary['metrics'].get('l1')}; losses {summary['losses']}; "
-        f"autoencoder: {summary['autoencoder']}"
+        f"[train-ae] done: step {result.step} L1 {result.metrics.get('l1')}; "
+        f"losses {result.losses}; autoencoder: {result.autoencoder}"
     )
     print(
-        f"[train-ae] MLflow: {summary['tracking_uri']} (run {summary['run_id']}); "
-        f"UI: mlflow ui --backend-store-uri {summary['tracking_uri']}"
+        f"[train-ae] MLflow: {result.tracking_uri} (run {result.run_id}); "
+        f"UI: mlflow ui --backend-store-uri {result.tracking_uri}"
     )
     print(
         "[train-ae] next: svg-ray precompute --input <images> --out <latents> "
-        f"--autoencoder {summary['autoencoder']}"
+        f"--autoencoder {result.autoencoder}"
     )
     return 0
 

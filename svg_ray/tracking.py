@@ -8,6 +8,7 @@ restart or a resubmitted job re-attaches to the same run instead of creating a d
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +75,68 @@ def find_or_create_run(
     return str(run.info.run_id), False
 
 
-def log_params_once(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
-    """Log a flattened config; skipped when the run already has params (a resumed run)."""
-    client = _client(tracking_uri)
-    if client.get_run(run_id).data.params:
-        return
-    from mlflow.entities import Param
+# Flattened params that only change how long a run goes or how often it reports, never what
+# it computes: a resubmission may change them (the new values are recorded as tags).
+RESUMABLE_PARAMS = frozenset(
+    {
+        "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
+        "train.sample_steps", "train.sample_cfg", "train.recon_every", "train.recon_images",
+        "train.decode_cpus", "run.max_failures", "run.keep_checkpoints", "run.register_as",
+        "run.cpus_per_worker", "run.tracking_uri", "run.storage_path",
+    }
+)  # fmt: skip
+TAG_OVERRIDE = "svg_ray.resubmitted."
+"""Prefix of the tags that record a resumable setting changed by a resubmission."""
 
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100):  # the REST API takes at most 100 params per batch
-        client.log_batch(run_id, params=flat[i : i + 100])
+
+def _param_values(params: dict[str, Any]) -> dict[str, str]:
+    """Flattened params as MLflow stores them (strings of at most 6,000 characters)."""
+    return {k: str(v)[:6000] for k, v in flatten(params).items()}
+
+
+def log_params_or_refuse_changes(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log a new run's params; for a resumed run, refuse settings that would change its result.
+
+    MLflow params are immutable and describe the run: continuing it with another learning rate,
+    dataset or model would make them lie. Length and cadence settings (``RESUMABLE_PARAMS``) may
+    change; their new values are recorded as tags.
+    """
+    client = _client(tracking_uri)
+    new = _param_values(params)
+    old = dict(client.get_run(run_id).data.params)
+    if not old:
+        from mlflow.entities import Param
+
+        flat = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(flat), 100):  # the REST API takes at most 100 params per batch
+            client.log_batch(run_id, params=flat[i : i + 100])
+        return
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    refused = [k for k in changed if k not in RESUMABLE_PARAMS]
+    if refused:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise ConfigError(
+            f"this run already exists with other settings that change its result ({shown}): "
+            "resubmit with the original values to resume it, or choose another --name"
+        )
+    for k in changed:
+        client.set_tag(run_id, TAG_OVERRIDE + k, new.get(k, "None"))
+
+
+def start_run(tracking_uri: str, run_id: str, tags: dict[str, str] | None = None) -> None:
+    """Mark the run RUNNING (again, for a resumed run) and set ``tags``."""
+    client = _client(tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End the run FINISHED, FAILED or KILLED; never masks the error that ended it."""
+    try:
+        _client(tracking_uri).set_terminated(run_id, status)
+    except Exception as e:  # the tracking server may be what failed
+        print(f"warning: could not mark MLflow run {run_id} {status}: {e}", file=sys.stderr)
 
 
 class RunLogger:

@@ -131,8 +131,8 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     from PIL import Image
 
     summary, store = e2e["summary"], e2e["store"]
-    assert summary["metrics"]["step"] == 25 and not summary["resumed"]
-    assert summary["losses"] == ["l1", "patchgan_hinge"]
+    assert summary.metrics["step"] == 25 and not summary.resumed
+    assert summary.losses == ["l1", "patchgan_hinge"]
 
     runs = _mlflow_runs(mlflow_server, "ae-e2e")
     assert len(runs) == 1
@@ -167,7 +167,7 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
 
     # The exported autoencoder: eval mode, running alignment statistics tracked over all 25
     # steps (averaged over both ranks), loadable on its own.
-    uri = summary["autoencoder"]
+    uri = summary.autoencoder
     assert uri == f"{store}/e2e/autoencoder.safetensors"
     ae = load_autoencoder(uri)
     assert not ae.training and ae.cfg.resolution == 64
@@ -190,9 +190,9 @@ def test_resubmission_resumes_to_the_same_weights_with_checkpoints_on_s3(
     # Stopped at the step-10 checkpoint (mid-epoch, GAN on), then resubmitted to 25.
     cfg10 = _cfg(s3_digits, **{**E2E, "steps": 10})
     first = launch(cfg10, _loss(), _run("re", store, tracking_uri))
-    assert first["metrics"]["step"] == 10
+    assert first.metrics["step"] == 10
     second = launch(_cfg(s3_digits, **E2E), _loss(), _run("re", store, tracking_uri))
-    assert second["resumed"] and second["metrics"]["step"] == 25
+    assert second.resumed and second.metrics["step"] == 25
     a = _final_state(f"{e2e['store']}/e2e")
     b = _final_state(f"{store}/re")
     assert a["step"] == b["step"] == 25 and b["kind"] == "autoencoder"
@@ -209,8 +209,8 @@ def test_resubmission_resumes_to_the_same_weights_with_checkpoints_on_s3(
     keys = [o["Key"] for o in s3_ray.client().list_objects_v2(
         Bucket=s3_ray.bucket, Prefix="train-ae/runs/re/")["Contents"]]  # fmt: skip
     assert sum(k.endswith("state.pt") for k in keys) == 3
-    assert second["autoencoder"] == f"{store}/re/autoencoder.safetensors"
-    assert int(load_autoencoder(second["autoencoder"]).align.num_batches_tracked) == 25
+    assert second.autoencoder == f"{store}/re/autoencoder.safetensors"
+    assert int(load_autoencoder(second.autoencoder).align.num_batches_tracked) == 25
 
 
 @pytest.mark.timeout(120)

@@ -84,7 +84,7 @@ def test_trains_on_s3_latents_with_mlflow_and_registry(
     )
     run = _run("e2e", f"{s3_root}/runs", mlflow_server, register_as="svg-e2e")
     summary = launch(cfg, run)
-    assert summary["metrics"]["step"] == 40 and not summary["resumed"]
+    assert summary.metrics["step"] == 40 and not summary.resumed
 
     runs = _mlflow_runs(mlflow_server, "exp-e2e")
     assert len(runs) == 1
@@ -120,9 +120,9 @@ def test_resubmission_resumes_to_the_same_weights(
     store = str(tmp_path / "runs")
     launch(_cfg(local_data, steps=12), _run("straight", store, tracking))
     first = launch(_cfg(local_data, steps=4), _run("resumed", store, tracking))
-    assert first["metrics"]["step"] == 4
+    assert first.metrics["step"] == 4
     second = launch(_cfg(local_data, steps=12), _run("resumed", store, tracking))
-    assert second["resumed"] and second["metrics"]["step"] == 12
+    assert second.resumed and second.metrics["step"] == 12
     a = _final_state(f"{store}/straight")
     b = _final_state(f"{store}/resumed")
     assert a["step"] == b["step"] == 12
@@ -170,7 +170,7 @@ def test_killed_worker_is_replaced_and_training_finishes(
     summary = launch(_cfg(local_data, steps=24, log_every=4), _run("chaos", store, tracking))
     killer.join(timeout=5)
     assert killed, "no worker was killed: the test did not exercise a failure"
-    assert summary["metrics"]["step"] == 24
+    assert summary.metrics["step"] == 24
     assert _final_state(str(run_dir))["step"] == 24
     runs = _mlflow_runs(tracking, "exp-chaos")
     assert len(runs) == 1  # the restarted workers re-attached to the same MLflow run

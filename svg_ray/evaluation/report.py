@@ -172,7 +172,7 @@ def publish(result: EvalResult, run: EvalRun, tr: TrackingRun | None) -> dict[st
     for name, data in files.items():
         storage.write_bytes(storage.join(run.results_uri, name), data)
     if tr is not None:
-        tracking.log_params_once(tr.tracking_uri, tr.run_id, result.config)
+        tracking.log_params_or_refuse_changes(tr.tracking_uri, tr.run_id, result.config)
         logger = tracking.RunLogger(tr.tracking_uri, tr.run_id)
         logger.metrics(result.metrics, step=0)
         with tempfile.TemporaryDirectory() as d:

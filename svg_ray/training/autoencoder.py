@@ -1,11 +1,12 @@
 """Stage 1 on Ray Train: the SVG autoencoder (residual encoder + mask token + decoder; DINO frozen).
 
-Driver side (``launch``): validate everything before a worker starts (input, DINO and VGG weights,
-the architecture), create or re-attach the MLflow run, plan which image files each rank reads,
-and fit. Worker side (``train_loop``): restore, then alternate a generator step (L1 + LPIPS +
-adaptive-weight PatchGAN) and a discriminator step until the configured step; rank 0 logs
-reconstruction grids and exports ``<storage>/<name>/autoencoder.safetensors`` (eval mode, running
-alignment statistics) to storage and MLflow, and optionally registers it.
+``launch`` validates everything before a worker starts (input, DINO and VGG weights, the
+architecture), plans which inputs each rank reads and hands a ``JobPlan`` to the shared driver
+(``training/trainer.py``). ``AutoencoderTask`` is this job's part of the shared loop: the
+autoencoder, its discriminator and optimisers, image batches, ``autoencoder_step`` (a generator
+step with L1 + LPIPS + adaptive-weight PatchGAN, then a discriminator step), reconstruction grids
+and the export of ``<storage>/<name>/autoencoder.safetensors`` (eval mode, running alignment
+statistics) to storage and MLflow.
 
 Data (``training/image_data.py``): Ray Data tasks decode and ADM-centre-crop each rank's own
 fixed input list; undecodable inputs are skipped and counted, and every rank runs exactly
@@ -19,7 +20,7 @@ import contextlib
 import dataclasses
 import math
 import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,21 +28,12 @@ from typing import Any, Literal
 import torch
 
 from svg_ray import storage
-from svg_ray.config import from_dict, require, to_dict
+from svg_ray.config import ConfigError, require, to_dict
 from svg_ray.data import schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
 from svg_ray.losses import AELoss, AELossConfig
 from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder, ae_preset
-from svg_ray.training.common import (
-    RunSettings,
-    Throughput,
-    device_and_precision,
-    ensure_ray,
-    fit,
-    load_checkpoint,
-    save_checkpoint,
-    step_seed,
-)
+from svg_ray.training.common import RunSettings, TrainConfig
 from svg_ray.training.image_data import (
     ImageInput,
     ImagePlan,
@@ -51,6 +43,15 @@ from svg_ray.training.image_data import (
     probe_decodable,
     rank_datasets,
 )
+from svg_ray.training.trainer import (
+    JobPlan,
+    RunContext,
+    RunResult,
+    TrainTask,
+    WorkerContext,
+    register_task,
+)
+from svg_ray.training.trainer import launch as launch_plan
 
 KIND = "autoencoder"
 AE_FILE = "autoencoder.safetensors"
@@ -59,9 +60,19 @@ PRESETS = ("svg", "debug")
 
 
 @dataclass
-class AETrainConfig:
+class AETrainConfig(TrainConfig):
     """Stage-1 training settings (defaults: the SVG paper's; the loss lives in AELossConfig)."""
 
+    steps: int = 100_000
+    """Total steps (one generator + one discriminator update each); a resumed run stops here."""
+    global_batch: int = 512
+    """Images per step over all workers (must divide evenly)."""
+    beta1: float = 0.5
+    """Adam beta1 of both optimisers."""
+    beta2: float = 0.9
+    """Adam beta2 of both optimisers."""
+    precision: Literal["auto", "bf16", "fp32"] = "fp32"
+    """'fp32' (the reference's), 'bf16' (autocast on GPU) or 'auto' (bf16 on GPU, fp32 on CPU)."""
     input: str = ""
     """Image folder tree (<root>/<class>/<image>) or Parquet with encoded images; path or s3://."""
     input_format: Literal["auto", "folder", "parquet"] = "auto"
@@ -78,20 +89,8 @@ class AETrainConfig:
     """Expected sha256 of dino_weights; verified when set."""
     dino_allow_random: bool = False
     """Run with a RANDOM frozen DINO (tests and demos only; the latents carry no semantics)."""
-    steps: int = 100_000
-    """Total steps (one generator + one discriminator update each); a resumed run stops here."""
-    global_batch: int = 512
-    """Images per step over all workers (must divide evenly)."""
-    lr: float = 1e-4
-    """Adam learning rate of decoder + residual encoder + mask token (constant)."""
     disc_lr: float = 1e-4
-    """Adam learning rate of the discriminator (constant)."""
-    beta1: float = 0.5
-    """Adam beta1 of both optimisers."""
-    beta2: float = 0.9
-    """Adam beta2 of both optimisers."""
-    grad_clip: float = 0.0
-    """Max gradient norm of the autoencoder step; 0: no clipping (the reference does not clip)."""
+    """Adam learning rate of the discriminator (constant); ``lr`` is the autoencoder's."""
     shuffle_buffer: int = 1024
     """Decoded images in each worker's seeded local shuffle buffer (0: file order only)."""
     decode_batch: int = 64
@@ -100,38 +99,25 @@ class AETrainConfig:
     """CPUs per Ray Data decode task."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more decoded pixels (W*H) are skipped (decompression-bomb guard)."""
-    precision: str = "fp32"
-    """'fp32' (the reference's), 'bf16' (autocast on GPU) or 'auto' (bf16 on GPU, fp32 on CPU)."""
-    seed: int = 0
-    """Seed of the initial weights, the file order and every random choice (per step and rank)."""
-    log_every: int = 50
-    """Log metrics every N steps."""
-    checkpoint_every: int = 2000
-    """Checkpoint every N steps (and at the end)."""
     recon_every: int = 1000
     """Log a reconstruction grid (inputs over reconstructions) every N steps; 0: only at the end."""
     recon_images: int = 8
     """Images in a reconstruction grid (from rank 0's current batch)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(bool(self.input), "train.input must name an image folder or Parquet (--input)")
         require(self.preset in PRESETS, f"train.preset must be one of {list(PRESETS)}")
         require(
             self.resolution >= 0 and self.resolution % 16 == 0,
             f"train.resolution must be 0 or a positive multiple of 16, got {self.resolution}",
         )
-        require(self.steps >= 1, "train.steps must be >= 1")
-        require(self.global_batch >= 1, "train.global_batch must be >= 1")
-        require(self.lr > 0 and self.disc_lr > 0, "train.lr and train.disc_lr must be positive")
-        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0,1)")
-        require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+        require(self.disc_lr > 0, "train.disc_lr must be positive")
         require(self.shuffle_buffer >= 0, "train.shuffle_buffer must be >= 0")
         require(self.decode_batch >= 1, "train.decode_batch must be >= 1")
         require(self.decode_cpus > 0, "train.decode_cpus must be positive")
         require(self.max_pixels >= 1, "train.max_pixels must be >= 1")
-        require(self.precision in {"auto", "bf16", "fp32"}, "train.precision: auto|bf16|fp32")
-        for name in ("log_every", "checkpoint_every", "recon_images"):
-            require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        require(self.recon_images >= 1, "train.recon_images must be >= 1")
         require(self.recon_every >= 0, "train.recon_every must be >= 0")
 
     def autoencoder_config(self) -> AutoencoderConfig:
@@ -154,6 +140,33 @@ class AETrainConfig:
         )
 
 
+@dataclass
+class AutoencoderSpec:
+    """What every autoencoder worker is sent."""
+
+    train: AETrainConfig
+    loss: AELossConfig
+    autoencoder: dict[str, Any]
+    """The architecture (``AutoencoderConfig.to_dict``)."""
+    losses: list[str]
+    """The loss terms switched on (for the exported file's provenance)."""
+    steps_per_epoch: int
+    run: RunContext | None = None
+
+
+@dataclass
+class AutoencoderResult(RunResult):
+    """A finished autoencoder run."""
+
+    losses: list[str] = dataclasses.field(default_factory=list)
+    """The loss terms that were switched on."""
+
+    @property
+    def autoencoder(self) -> str:
+        """The exported autoencoder file."""
+        return self.output
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
@@ -172,15 +185,11 @@ class Validated:
 
 def validate(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> Validated:
     """Everything that can be checked before a worker starts (cheap checks first)."""
-    require(
-        cfg.global_batch % run.num_workers == 0,
-        f"train.global_batch {cfg.global_batch} is not divisible by run.num_workers "
-        f"{run.num_workers}",
-    )
+    per_worker = cfg.per_worker_batch(run.num_workers)
     require(storage.exists(cfg.input), f"input not found: {cfg.input} (--input)")
     ae_cfg = cfg.autoencoder_config()
     images = cfg.image_input(ae_cfg.resolution)
-    plan = plan_images(images, cfg.seed, run.num_workers, cfg.global_batch // run.num_workers)
+    plan = plan_images(images, cfg.seed, run.num_workers, per_worker)
     probe_decodable(images, plan)
     # Building both loads the DINO and VGG weights once here: a missing, mismatched or
     # corrupt file fails now with the option to set, not later in every worker.
@@ -191,24 +200,21 @@ def validate(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> Va
     )
 
 
-def launch(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> dict[str, Any]:
-    """Validate, attach MLflow, plan the data and train; returns a summary."""
-    from svg_ray import tracking
-
+def plan(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> JobPlan:
+    """Validate and plan the data: the job as the shared driver runs it."""
     v = validate(cfg, loss_cfg, run)
-    tracking_uri = run.tracking_uri or tracking.default_tracking_uri()
-    run_id, resumed = tracking.find_or_create_run(
-        tracking_uri, run.experiment, run.name, run.run_uri, KIND
-    )
-    tracking.log_params_once(
-        tracking_uri,
-        run_id,
-        {
+    enabled = ",".join(v.losses)
+    return JobPlan(
+        task=AutoencoderTask,
+        spec=AutoencoderSpec(
+            cfg, loss_cfg, v.autoencoder.to_dict(), v.losses, v.plan.steps_per_epoch
+        ),
+        params={
             "train": to_dict(cfg),
             "loss": to_dict(loss_cfg),
             "run": to_dict(run),
             "autoencoder": v.autoencoder.to_dict(),
-            "losses": {"enabled": ",".join(v.losses)},
+            "losses": {"enabled": enabled},
             "data": {
                 "format": v.plan.source_format,
                 "inputs": sum(v.plan.rows),
@@ -216,39 +222,21 @@ def launch(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> dict
                 "trainable_params": v.trainable_params,
             },
         },
+        output=storage.join(run.run_uri, AE_FILE),
+        describe=(
+            f"losses {v.losses}; {v.plan.steps_per_epoch} steps/epoch on {run.num_workers} "
+            f"worker(s), inputs per worker {v.plan.rows}"
+        ),
+        datasets=lambda: rank_datasets(v.images, v.plan, cfg.decode_batch, cfg.decode_cpus),
+        tags={"svg_ray.losses": enabled},
     )
-    tracking.RunLogger(tracking_uri, run_id).set_tag("svg_ray.losses", ",".join(v.losses))
-    ensure_ray()
-    loop_config = {
-        "train": to_dict(cfg),
-        "loss": to_dict(loss_cfg),
-        "autoencoder": v.autoencoder.to_dict(),
-        "losses": v.losses,
-        "steps_per_epoch": v.plan.steps_per_epoch,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "run_uri": run.run_uri,
-        "register_as": run.register_as,
-    }
-    print(
-        f"[train-ae] {'resuming' if resumed else 'starting'} run {run.name!r} "
-        f"(MLflow run {run_id}); losses {v.losses}; {v.plan.steps_per_epoch} steps/epoch "
-        f"on {run.num_workers} worker(s), inputs per worker {v.plan.rows}",
-        flush=True,
-    )
-    datasets = rank_datasets(v.images, v.plan, cfg.decode_batch, cfg.decode_cpus)
-    result = fit(train_loop, loop_config, run, datasets)
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    return {
-        "run_id": run_id,
-        "resumed": resumed,
-        "metrics": dict(result.metrics or {}),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "autoencoder": storage.join(run.run_uri, AE_FILE),
-        "tracking_uri": tracking_uri,
-        "losses": v.losses,
-    }
+
+
+def launch(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> AutoencoderResult:
+    """Validate, attach MLflow, plan the data and train; returns where the autoencoder went."""
+    p = plan(cfg, loss_cfg, run)
+    result = launch_plan(p, run)
+    return AutoencoderResult(**dataclasses.asdict(result), losses=p.spec.losses)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,11 +258,12 @@ def _restore_trainable(ae: SVGAutoencoder, sd: dict[str, torch.Tensor]) -> None:
 
 
 @dataclass
-class _Parts:
-    """The modules and optimisers one training step touches."""
+class AutoencoderParts:
+    """The modules and optimisers one autoencoder step touches."""
 
     ae: SVGAutoencoder
     ae_ddp: torch.nn.Module
+    """The module the generator loss calls: ``ae`` itself or its DDP wrapper."""
     loss: AELoss
     disc_ddp: torch.nn.Module | None
     opt_g: torch.optim.Optimizer
@@ -283,7 +272,7 @@ class _Parts:
     amp: torch.dtype | None
 
 
-def train_step(p: _Parts, x: torch.Tensor, step: int) -> dict[str, float]:
+def autoencoder_step(p: AutoencoderParts, x: torch.Tensor, step: int) -> dict[str, float]:
     """One generator step then (once the GAN is on) one discriminator step; returns float logs."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -316,174 +305,145 @@ def train_step(p: _Parts, x: torch.Tensor, step: int) -> dict[str, float]:
     return {**logs, **d_logs}
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Per-worker loop: restore, train to the configured step, checkpoint, export (rank 0)."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+@register_task
+class AutoencoderTask(TrainTask):
+    """The autoencoder on decoded image batches; rank 0 exports the eval-mode checkpoint."""
 
-    from svg_ray.tracking import RunLogger
+    kind = KIND
+    label = "train-ae"
+    spec_type = AutoencoderSpec
 
-    cfg = from_dict(AETrainConfig, config["train"], "train")
-    loss_cfg = from_dict(AELossConfig, config["loss"], "ae")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device, amp = device_and_precision(cfg.precision)
-    steps_per_epoch = int(config["steps_per_epoch"])
-    per_worker = cfg.global_batch // world
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-    ae = SVGAutoencoder(AutoencoderConfig.from_dict(config["autoencoder"])).to(device)
-    loss_fn = AELoss(loss_cfg).to(device)
-    disc = loss_fn.discriminator
-    betas = (cfg.beta1, cfg.beta2)
-    opt_g = torch.optim.Adam(ae.trainable_parameters(), lr=cfg.lr, betas=betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=betas) if disc else None
-    step = epoch = step_in_epoch = 0
-    state = load_checkpoint()
-    if state is not None:
-        if state.get("kind") != KIND:
-            raise RuntimeError(f"the checkpoint in {config['run_uri']} is not an autoencoder run")
-        if state["dino_sha256"] != (ae.encoder.weights_sha256 or "random"):
-            raise RuntimeError(
-                f"run {config['run_uri']} was trained with DINO weights {state['dino_sha256']}, "
-                f"this job loads {ae.encoder.weights_sha256 or 'random'} (--dino-weights)"
-            )
-        _restore_trainable(ae, state["ae"])
-        opt_g.load_state_dict(state["opt_g"])
-        if disc is not None and opt_d is not None:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        if step_in_epoch >= steps_per_epoch:  # saved at an epoch's last step: start the next
-            epoch, step_in_epoch = epoch + 1, 0
-    ae.train()  # FrozenDino and LPIPS stay in eval mode whatever their parent says
-    ae_ddp: torch.nn.Module = ae
-    if world > 1:
-        # Buffers are not broadcast from rank 0: the running alignment statistics are averaged
-        # over ranks after each step instead (an average of EMAs is the EMA of the averages).
-        # DINO has no trainable parameter, so DDP simply leaves it out of the gradient buckets.
-        # The mask token gets a gradient every step, zero when no sample was masked (it enters
-        # through torch.where), so unused-parameter search is needed only without masking.
-        ddp_kwargs = {
-            "broadcast_buffers": False,
-            "find_unused_parameters": ae.cfg.residual.mask_prob == 0,
-        }
-        ae_ddp = ray.train.torch.prepare_model(ae, parallel_strategy_kwargs=ddp_kwargs)
-        if disc is not None:
-            # D's BatchNorm running stats are never used (it only runs in train mode).
-            loss_fn.discriminator = ray.train.torch.prepare_model(
-                disc, parallel_strategy_kwargs={"broadcast_buffers": False}
-            )
-    parts = _Parts(ae, ae_ddp, loss_fn, loss_fn.discriminator, opt_g, opt_d, cfg.grad_clip, amp)
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    logger = (
-        RunLogger(config["tracking_uri"], config["run_id"], "train-ae", cfg.steps)
-        if rank == 0
-        else None
-    )
-    meter = Throughput()
-    last_x: torch.Tensor | None = None
-    logs: dict[str, float] = {}
-
-    def state_dict() -> dict[str, Any]:
-        return {
-            "kind": KIND,
-            "ae": trainable_state(ae),
-            "disc": disc.state_dict() if disc is not None else None,
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict() if opt_d is not None else None,
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "seed": cfg.seed,
-            "mlflow_run_id": config["run_id"],
-            "dino_sha256": ae.encoder.weights_sha256 or "random",
-            "config": {k: config[k] for k in ("train", "loss", "autoencoder")},
-        }
-
-    while step < cfg.steps:
-        skipped = SkipCounter(rank)
-        it = epoch_batches(
-            shard, per_worker, steps_per_epoch, cfg.seed, rank, epoch, cfg.shuffle_buffer, skipped
+    def __init__(self, spec: AutoencoderSpec, ctx: WorkerContext) -> None:
+        assert spec.run is not None
+        self.spec, self.ctx, self.run = spec, ctx, spec.run
+        self.cfg: AETrainConfig = spec.train
+        self.steps_per_epoch = spec.steps_per_epoch
+        self.per_worker = self.cfg.per_worker_batch(ctx.world)
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every run
+        ae = SVGAutoencoder(AutoencoderConfig.from_dict(spec.autoencoder)).to(ctx.device)
+        loss = AELoss(spec.loss).to(ctx.device)
+        disc, betas = loss.discriminator, (self.cfg.beta1, self.cfg.beta2)
+        opt_g = torch.optim.Adam(ae.trainable_parameters(), lr=self.cfg.lr, betas=betas)
+        opt_d = (
+            torch.optim.Adam(disc.parameters(), lr=self.cfg.disc_lr, betas=betas) if disc else None
         )
-        for i in range(steps_per_epoch):
-            t_wait = time.perf_counter()
-            batch = next(it)
-            if i < step_in_epoch:
-                continue  # resume: these batches were consumed before the checkpoint
-            meter.wait += time.perf_counter() - t_wait
-            torch.manual_seed(step_seed(cfg.seed, step, rank))  # residual masks, dropout
-            x = to_model_input(batch).to(device, non_blocking=True)  # (B, 3, R, R) in [-1, 1]
-            logs = train_step(parts, x, step)
-            if world > 1 and ae.align.mode == "running":
-                dist.all_reduce(ae.align.running_stats)
-                ae.align.running_stats /= world
-            step += 1
-            step_in_epoch = i + 1
-            last_x = x
-            meter.samples += per_worker * world
+        self.parts = AutoencoderParts(ae, ae, loss, disc, opt_g, opt_d, self.cfg.grad_clip, ctx.amp)
+        self.disc = disc  # unwrapped: checkpoints must not depend on the DDP wrapper
+        self.skipped = SkipCounter(ctx.rank)
+        self.last_x: torch.Tensor | None = None
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                _log_metrics(logger, logs, ae, opt_g, meter, skipped.count, epoch, step, world)
-                meter.reset()
-            if logger and cfg.recon_every and step % cfg.recon_every == 0:
-                _log_recon(logger, ae, x, cfg.recon_images, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(state_dict(), {"step": step, "l1": logs["l1"]})
-            if step >= cfg.steps:
-                break
-        else:
-            if skipped.count:
-                print(f"[train-ae] rank {rank}: epoch {epoch} skipped {skipped.count} inputs")
-            epoch += 1
-            step_in_epoch = 0
+    @property
+    def dino_id(self) -> str:
+        """The frozen DINO's weights (a resumed run must use the same)."""
+        return self.parts.ae.encoder.weights_sha256 or "random"
 
-    if rank == 0 and logger is not None:
-        if last_x is not None and not (cfg.recon_every and step % cfg.recon_every == 0):
-            _log_recon(logger, ae, last_x, cfg.recon_images, step)
-        _export(logger, ae, config, step)
+    def state_dict(self) -> dict[str, Any]:
+        """Trainable weights (with alignment statistics), discriminator, both optimisers."""
+        p = self.parts
+        return {
+            "ae": trainable_state(p.ae),
+            "disc": self.disc.state_dict() if self.disc is not None else None,
+            "opt_g": p.opt_g.state_dict(),
+            "opt_d": p.opt_d.state_dict() if p.opt_d is not None else None,
+            "dino_sha256": self.dino_id,
+            "config": {
+                "train": to_dict(self.cfg),
+                "loss": to_dict(self.spec.loss),
+                "autoencoder": self.spec.autoencoder,
+            },
+        }
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore after checking the run used the same frozen DINO."""
+        if state["dino_sha256"] != self.dino_id:
+            raise ConfigError(
+                f"run {self.run.run_uri} was trained with DINO weights {state['dino_sha256']}, "
+                f"this job loads {self.dino_id} (--dino-weights)"
+            )
+        p = self.parts
+        _restore_trainable(p.ae, state["ae"])
+        p.opt_g.load_state_dict(state["opt_g"])
+        if self.disc is not None and p.opt_d is not None:
+            self.disc.load_state_dict(state["disc"])
+            p.opt_d.load_state_dict(state["opt_d"])
 
-def _log_metrics(
-    logger: Any,
-    logs: dict[str, float],
-    ae: SVGAutoencoder,
-    opt: torch.optim.Optimizer,
-    meter: Throughput,
-    skipped: int,
-    epoch: int,
-    step: int,
-    world: int,
-) -> None:
-    """Average the step's logs over ranks (every rank must call this), rank 0 logs them."""
-    import torch.distributed as dist
+    def prepare(self) -> None:
+        """Train mode, DDP wrappers and this rank's dataset shard."""
+        import ray.train
+        import ray.train.torch
 
-    keys = sorted(logs)  # identical on every rank: the same step switches the same terms on
-    values = torch.tensor([logs[k] for k in keys] + [float(skipped)], dtype=torch.float64)
-    values = values.to(ae.align.running_stats.device)  # NCCL reduces GPU tensors only
-    if world > 1:
-        dist.all_reduce(values)
-        values[:-1] /= world  # the skip count is a sum over ranks
-    if logger is None:
-        return
-    out = dict(zip(keys, values[:-1].tolist(), strict=True))
-    _, ips, wait = meter.window()
-    mu_d, sd_d, mu_r, sd_r = ae.align.running_stats.tolist()
-    out.update(
-        {
-            "skipped_images": float(values[-1]),  # this epoch so far, all ranks
-            "lr": opt.param_groups[0]["lr"],
-            "images_per_s": ips,
-            "data_wait_fraction": wait,
-            "epoch": epoch,
+        p = self.parts
+        p.ae.train()  # FrozenDino and LPIPS stay in eval mode whatever their parent says
+        if self.ctx.world > 1:
+            # Buffers are not broadcast from rank 0: the running alignment statistics are
+            # averaged over ranks after each step instead (an average of EMAs is the EMA of the
+            # averages). DINO has no trainable parameter, so DDP leaves it out of the gradient
+            # buckets. The mask token gets a gradient every step, zero when no sample was masked
+            # (it enters through torch.where): unused-parameter search only without masking.
+            ddp_kwargs = {
+                "broadcast_buffers": False,
+                "find_unused_parameters": p.ae.cfg.residual.mask_prob == 0,
+            }
+            p.ae_ddp = ray.train.torch.prepare_model(p.ae, parallel_strategy_kwargs=ddp_kwargs)
+            if p.loss.discriminator is not None:
+                # D's BatchNorm running stats are never used (it only runs in train mode).
+                p.loss.discriminator = ray.train.torch.prepare_model(
+                    p.loss.discriminator, parallel_strategy_kwargs={"broadcast_buffers": False}
+                )
+                p.disc_ddp = p.loss.discriminator
+        self.shard = ray.train.get_dataset_shard(f"train_{self.ctx.rank}")
+
+    def batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        """Model inputs (B, 3, R, R) in [-1, 1] from batch ``start`` of ``epoch``."""
+        self.skipped = SkipCounter(self.ctx.rank)
+        it = epoch_batches(
+            self.shard, self.per_worker, self.steps_per_epoch, self.cfg.seed, self.ctx.rank,
+            epoch, self.cfg.shuffle_buffer, self.skipped,
+        )  # fmt: skip
+        for i, batch in enumerate(it):
+            if i >= start:  # earlier batches were consumed before the checkpoint
+                yield to_model_input(batch).to(self.ctx.device, non_blocking=True)
+
+    def step(self, batch: torch.Tensor, step: int) -> dict[str, Any]:
+        """One ``autoencoder_step``, then the running alignment statistics averaged over ranks."""
+        import torch.distributed as dist
+
+        logs = autoencoder_step(self.parts, batch, step)
+        align = self.parts.ae.align
+        if self.ctx.world > 1 and align.mode == "running":
+            dist.all_reduce(align.running_stats)
+            align.running_stats /= self.ctx.world
+        self.last_x = batch
+        return logs
+
+    def counters(self) -> dict[str, float]:
+        """Inputs skipped this epoch (summed over ranks)."""
+        return {"skipped_images": float(self.skipped.count)}
+
+    def metrics(self) -> dict[str, float]:
+        """Learning rate and the running alignment statistics."""
+        mu_d, sd_d, mu_r, sd_r = self.parts.ae.align.running_stats.tolist()
+        return {
+            "lr": self.parts.opt_g.param_groups[0]["lr"],
             "align_mu_dino": mu_d,
             "align_sigma_dino": sd_d,
             "align_mu_res": mu_r,
             "align_sigma_res": sd_r,
         }
-    )
-    logger.metrics(out, step)
+
+    @property
+    def images_every(self) -> int:
+        """``recon_every``."""
+        return self.cfg.recon_every
+
+    def log_images(self, logger: Any, step: int) -> None:
+        """Inputs (top row) over eval-mode reconstructions (bottom row) of the last batch."""
+        if self.last_x is not None:
+            _log_recon(logger, self.parts.ae, self.last_x, self.cfg.recon_images, step)
+
+    def export(self, logger: Any, step: int) -> None:
+        """The eval-mode autoencoder to storage and MLflow; a registry version if asked."""
+        _export(logger, self.parts.ae, self.run, self.spec.losses, step)
 
 
 @torch.no_grad()
@@ -501,30 +461,24 @@ def _log_recon(logger: Any, ae: SVGAutoencoder, x: torch.Tensor, n: int, step: i
     logger.image(grid.numpy(), f"reconstructions/step_{step:08d}.png")
 
 
-def _export(logger: Any, ae: SVGAutoencoder, config: dict[str, Any], step: int) -> None:
+def _export(logger: Any, ae: SVGAutoencoder, run: RunContext, losses: list[str], step: int) -> None:
     """The eval-mode autoencoder to <run>/autoencoder.safetensors and MLflow; registry version."""
     from svg_ray import tracking
     from svg_ray.checkpoint import save_autoencoder
 
-    extra = {
-        "mlflow_run_id": config["run_id"],
-        "run_uri": config["run_uri"],
-        "step": step,
-        "losses": config["losses"],
-    }
+    extra = {"mlflow_run_id": run.run_id, "run_uri": run.run_uri, "step": step, "losses": losses}
     ae = ae.to("cpu").eval()
     with tempfile.TemporaryDirectory() as d:
         local = Path(d) / AE_FILE
         save_autoencoder(ae, str(local), extra)
-        storage.write_bytes(storage.join(config["run_uri"], AE_FILE), local.read_bytes())
+        storage.write_bytes(storage.join(run.run_uri, AE_FILE), local.read_bytes())
         logger.artifacts(d, tracking.AUTOENCODER_ARTIFACT)
-    if config.get("register_as"):
+    if run.register_as:
         version = tracking.register_bundle(
-            config["tracking_uri"],
-            config["run_id"],
-            config["register_as"],
+            run.tracking_uri,
+            run.run_id,
+            run.register_as,
             step,
             artifact=tracking.AUTOENCODER_ARTIFACT,
         )
-        logger.set_tag("svg_ray.registered", f"{config['register_as']}/{version}")
-    logger.finish()
+        logger.set_tag("svg_ray.registered", f"{run.register_as}/{version}")

@@ -1,4 +1,4 @@
-"""What both Ray Train jobs share: run settings, the trainer, checkpoints, seeding, devices."""
+"""What both Ray Train jobs share below the loop: settings, the trainer, checkpoints, seeds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -16,13 +16,69 @@ from svg_ray.config import require
 
 
 @dataclass
+class TrainConfig:
+    """Settings every training job has (defaults: the SVG paper's DiT recipe).
+
+    A job's config inherits these and redeclares a field only where its default differs.
+    """
+
+    steps: int = 400_000
+    """Total optimiser steps; a resumed run stops exactly here."""
+    global_batch: int = 256
+    """Images per step over all workers (must divide evenly)."""
+    lr: float = 1e-4
+    """Learning rate (constant)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    grad_clip: float = 0.0
+    """Max gradient norm; 0 disables clipping (the reference does not clip)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'auto' (bf16 autocast + TF32 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    seed: int = 0
+    """Seed of the initial weights, the data order and every random choice (per step and rank)."""
+    log_every: int = 50
+    """Log metrics every N steps (averaged over ranks)."""
+    checkpoint_every: int = 2000
+    """Checkpoint every N steps (and at the end)."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "train.steps must be >= 1")
+        require(self.global_batch >= 1, "train.global_batch must be >= 1")
+        require(self.lr > 0, "train.lr must be positive")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0,1)")
+        require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+        for name in ("log_every", "checkpoint_every"):
+            require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+
+    def per_worker_batch(self, world: int) -> int:
+        """Images per step on one of ``world`` workers; refuses a batch that does not divide."""
+        require(
+            self.global_batch % world == 0,
+            f"train.global_batch {self.global_batch} is not divisible by run.num_workers {world}",
+        )
+        return self.global_batch // world
+
+
+def on_cluster() -> bool:
+    """Whether this driver joins a Ray cluster (``RAY_ADDRESS``, which `ray job submit` sets)."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+LOCAL_STORAGE = "outputs/runs"
+"""Where runs live when no --storage-path is given on a laptop."""
+
+
+@dataclass
 class RunSettings:
     """Where a training run lives and what it runs on."""
 
     name: str = "svg-run"
     """Run name: the same name and storage path resume the run."""
-    storage_path: str = "outputs/runs"
-    """Local folder or s3:// prefix for checkpoints and the final bundle."""
+    storage_path: str | None = None
+    """Local folder or s3:// prefix for checkpoints and the exported model (default: outputs/runs
+    on a laptop; on a cluster give a location every node shares, e.g. s3://bucket/runs)."""
     num_workers: int = 1
     """Ray Train workers (one per GPU on a cluster)."""
     use_gpu: bool = False
@@ -36,7 +92,8 @@ class RunSettings:
     experiment: str = "svg-ray"
     """MLflow experiment name."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; default: MLFLOW_TRACKING_URI or a sqlite store in ./outputs."""
+    """MLflow tracking URI; default: MLFLOW_TRACKING_URI, else (on a laptop only) a sqlite store
+    in ./outputs."""
     register_as: str | None = None
     """Register the final model under this MLflow model name (None: do not register)."""
 
@@ -46,31 +103,36 @@ class RunSettings:
         require(self.cpus_per_worker > 0, "run.cpus_per_worker must be positive")
         require(self.max_failures >= 0, "run.max_failures must be >= 0")
         require(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        if on_cluster():
+            # The job's working directory is a temporary folder on the head node: a default
+            # local store would be deleted with it, and workers on other nodes never see it.
+            require(
+                self.storage_path is not None,
+                "on a cluster (RAY_ADDRESS is set) runs need a storage every node shares: pass "
+                "--storage-path s3://bucket/runs (or an explicit shared filesystem path)",
+            )
+            require(
+                bool(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")),
+                "on a cluster (RAY_ADDRESS is set) the default sqlite MLflow store would be lost "
+                "with the job's working directory: pass --tracking-uri http://mlflow:5000 or set "
+                "MLFLOW_TRACKING_URI (an explicit sqlite:/// path is accepted)",
+            )
 
     @property
     def storage_uri(self) -> str:
         """Absolute local path or the s3:// prefix."""
-        return storage.absolute(self.storage_path).rstrip("/")
+        return storage.absolute(self.storage_path or LOCAL_STORAGE).rstrip("/")
 
     @property
     def run_uri(self) -> str:
-        """Folder of this run (checkpoints, bundle)."""
+        """Folder of this run (checkpoints, exported models)."""
         return storage.join(self.storage_uri, self.name)
 
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow tracking URI this run logs to."""
+        from svg_ray.tracking import default_tracking_uri
 
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one (the embedded default)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # Logical CPUs above the core count: training workers must never starve Ray Data's
-        # read tasks of a CPU (a known hang with 1-CPU workers on a 2-core machine).
-        # address="local": never attach to a stale cluster file left by a killed head.
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        return self.tracking_uri or default_tracking_uri()
 
 
 def fit(
@@ -121,6 +183,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of one rank's step: all randomness (t, noise, label drop, flips) is a function of
     (seed, step, rank), so a resumed run replays exactly what an uninterrupted one would do."""
     return (seed * 1_000_003 + step * 9_176 + rank * 7_919) % (2**63 - 1)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, lap: int = 0) -> int:
+    """Seed of one rank's data order in one epoch (``lap``: a rank re-reading its inputs)."""
+    return (seed * 100_003 + epoch * 1_009 + rank * 31 + lap) % (2**63 - 1)
 
 
 def device_and_precision(precision: str) -> tuple[torch.device, torch.dtype | None]:

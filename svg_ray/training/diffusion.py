@@ -1,23 +1,26 @@
 """Stage 2 on Ray Train: the DiT on precomputed latents with the rectified-flow loss.
 
-Driver side (``launch``): validate everything before a worker starts, create or re-attach the
-MLflow run, plan the data, and fit. Worker side (``train_loop``): restore, then step, log,
-checkpoint and sample until the configured step; rank 0 exports the sampler bundle and registers
-it in MLflow.
+``launch`` validates everything before a worker starts (the dataset, its autoencoder, the batch
+split), plans the data and hands a ``JobPlan`` to the shared driver (``training/trainer.py``).
+``DiffusionTask`` is this job's part of the shared loop: the DiT, its EMA and AdamW, the latent
+batches, ``diffusion_step``, and the export of the EMA sampler bundle (storage, MLflow, registry).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
+from torch import nn
 
 from svg_ray import storage
-from svg_ray.config import from_dict, require, to_dict
+from svg_ray.config import require, to_dict
 from svg_ray.data import schema
 from svg_ray.data.manifest import DatasetManifest, load_manifest
 from svg_ray.flow.loss import FlowLoss
@@ -26,42 +29,32 @@ from svg_ray.generate import image_grid, latents_to_tokens, to_uint8
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
 from svg_ray.models.ema import EMA
 from svg_ray.training import data as tdata
-from svg_ray.training.common import (
-    RunSettings,
-    Throughput,
-    device_and_precision,
-    ensure_ray,
-    fit,
-    load_checkpoint,
-    save_checkpoint,
-    step_seed,
+from svg_ray.training.common import RunSettings, TrainConfig, epoch_seed, step_seed
+from svg_ray.training.trainer import (
+    JobPlan,
+    RunContext,
+    RunResult,
+    TrainTask,
+    WorkerContext,
+    register_task,
 )
+from svg_ray.training.trainer import launch as launch_plan
 
 KIND = "diffusion"
+BUNDLE_DIR = "bundle"
+"""The sampler bundle's folder inside the run folder (and its MLflow artifact path)."""
 
 
 @dataclass
-class DiffusionTrainConfig:
+class DiffusionTrainConfig(TrainConfig):
     """Stage-2 training settings (defaults: the SVG paper's)."""
 
     data: str = ""
     """Precomputed latent dataset (folder or s3:// prefix holding manifest.json)."""
     model: str = "SVG-XL"
-    """DiT size: SVG-B, SVG-L, SVG-XL or debug."""
-    steps: int = 400_000
-    """Total optimiser steps; a resumed run stops exactly here."""
-    global_batch: int = 256
-    """Images per step over all workers (must divide evenly)."""
-    lr: float = 1e-4
-    """AdamW learning rate (constant)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.999
-    """AdamW beta2."""
+    """DiT size: SVG-B, SVG-L, SVG-XL, demo or debug."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    grad_clip: float = 0.0
-    """Max gradient norm; 0 disables clipping (the reference does not clip)."""
     ema_decay: float = 0.9999
     """EMA decay per step."""
     class_dropout: float = 0.1
@@ -75,14 +68,6 @@ class DiffusionTrainConfig:
     cache_mb: int = 1024
     """Workers whose shards fit in this many MiB read them once and draw each epoch as a seeded
     permutation in memory; larger datasets stream from storage every epoch (0: always stream)."""
-    precision: str = "auto"
-    """'auto' (bf16 autocast + TF32 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
-    seed: int = 0
-    """Seed of every random choice (per step and rank)."""
-    log_every: int = 50
-    """Log metrics every N steps."""
-    checkpoint_every: int = 2000
-    """Checkpoint every N steps (and at the end)."""
     sample_every: int = 0
     """Log a sample grid to MLflow every N steps (0: only at the end)."""
     sample_steps: int = 25
@@ -91,16 +76,35 @@ class DiffusionTrainConfig:
     """CFG scale for logged grids."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(bool(self.data), "train.data must name a precomputed dataset (--data)")
         require(self.model in DIT_SIZES, f"train.model must be one of {sorted(DIT_SIZES)}")
-        require(self.steps >= 1, "train.steps must be >= 1")
-        require(self.global_batch >= 1, "train.global_batch must be >= 1")
-        require(self.lr > 0, "train.lr must be positive")
         require(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
-        require(self.precision in {"auto", "bf16", "fp32"}, "train.precision: auto|bf16|fp32")
-        for name in ("log_every", "checkpoint_every"):
-            require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         require(self.sample_every >= 0, "train.sample_every must be >= 0")
+
+
+@dataclass
+class DiffusionSpec:
+    """What every diffusion worker is sent."""
+
+    train: DiffusionTrainConfig
+    dit: DiTConfig
+    manifest: dict[str, Any]
+    """The dataset's manifest (``DatasetManifest.to_dict``)."""
+    steps_per_epoch: int
+    cached: bool
+    """Whether each worker holds its shards in memory (else streams them every epoch)."""
+    run: RunContext | None = None
+
+
+@dataclass
+class DiffusionResult(RunResult):
+    """A finished diffusion run."""
+
+    @property
+    def bundle(self) -> str:
+        """The exported sampler bundle folder."""
+        return self.output
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,11 +114,7 @@ class DiffusionTrainConfig:
 
 def validate(cfg: DiffusionTrainConfig, run: RunSettings) -> tuple[DatasetManifest, DiTConfig]:
     """Everything that can be checked before a worker starts; returns (manifest, DiT config)."""
-    require(
-        cfg.global_batch % run.num_workers == 0,
-        f"train.global_batch {cfg.global_batch} is not divisible by run.num_workers "
-        f"{run.num_workers}",
-    )
+    cfg.per_worker_batch(run.num_workers)
     from svg_ray.checkpoint import autoencoder_latent_shape
 
     manifest = load_manifest(cfg.data)
@@ -137,60 +137,37 @@ def validate(cfg: DiffusionTrainConfig, run: RunSettings) -> tuple[DatasetManife
     return manifest, dcfg
 
 
-def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> dict[str, Any]:
-    """Validate, attach MLflow, plan the data and train; returns a summary."""
-    from svg_ray import tracking
-
+def plan(cfg: DiffusionTrainConfig, run: RunSettings) -> JobPlan:
+    """Validate and plan the data: the job as the shared driver runs it."""
     manifest, dcfg = validate(cfg, run)
-    per_worker = cfg.global_batch // run.num_workers
+    per_worker = cfg.per_worker_batch(run.num_workers)
     data_plan = tdata.plan(manifest, cfg.data, run.num_workers, per_worker)
-    tracking_uri = run.tracking_uri or tracking.default_tracking_uri()
-    run_id, resumed = tracking.find_or_create_run(
-        tracking_uri, run.experiment, run.name, run.run_uri, KIND
-    )
-    tracking.log_params_once(
-        tracking_uri,
-        run_id,
-        {
+    cached = tdata.fits_in_memory(data_plan, manifest.bytes_per_row, cfg.cache_mb)
+    columns = [schema.COL_LABEL, schema.COL_LATENT]
+    if cfg.use_flip and manifest.has_flip:
+        columns.append(schema.COL_LATENT_FLIP)
+    return JobPlan(
+        task=DiffusionTask,
+        spec=DiffusionSpec(cfg, dcfg, manifest.to_dict(), data_plan.steps_per_epoch, cached),
+        params={
             "train": to_dict(cfg),
             "run": to_dict(run),
             "dit": to_dict(dcfg),
             "dataset": {"rows": manifest.num_rows, "autoencoder_id": manifest.autoencoder_id},
         },
+        output=storage.join(run.run_uri, BUNDLE_DIR),
+        describe=(
+            f"{data_plan.steps_per_epoch} steps/epoch on {run.num_workers} worker(s), rows per "
+            f"worker {data_plan.rows}{' (held in memory)' if cached else ' (streamed)'}"
+        ),
+        datasets=lambda: tdata.rank_datasets(data_plan, columns),
     )
-    ensure_ray()
-    columns = [schema.COL_LABEL, schema.COL_LATENT]
-    if cfg.use_flip and manifest.has_flip:
-        columns.append(schema.COL_LATENT_FLIP)
-    loop_config = {
-        "train": to_dict(cfg),
-        "dit": to_dict(dcfg),
-        "manifest": manifest.to_dict(),
-        "steps_per_epoch": data_plan.steps_per_epoch,
-        "cached": tdata.fits_in_memory(data_plan, manifest.bytes_per_row, cfg.cache_mb),
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "run_uri": run.run_uri,
-        "register_as": run.register_as,
-    }
-    print(
-        f"[train] {'resuming' if resumed else 'starting'} run {run.name!r} "
-        f"(MLflow run {run_id}); {data_plan.steps_per_epoch} steps/epoch on "
-        f"{run.num_workers} worker(s), rows per worker {data_plan.rows}"
-        f"{' (held in memory)' if loop_config['cached'] else ' (streamed)'}",
-        flush=True,
-    )
-    result = fit(train_loop, loop_config, run, tdata.rank_datasets(data_plan, columns))
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    return {
-        "run_id": run_id,
-        "resumed": resumed,
-        "metrics": dict(result.metrics or {}),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "bundle": storage.join(run.run_uri, "bundle"),
-        "tracking_uri": tracking_uri,
-    }
+
+
+def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> DiffusionResult:
+    """Validate, attach MLflow, plan the data and train; returns where the bundle went."""
+    result = launch_plan(plan(cfg, run), run)
+    return DiffusionResult(**dataclasses.asdict(result))
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,131 +175,153 @@ def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Per-worker loop: restore, train to the configured step, checkpoint, export (rank 0)."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+@dataclass
+class DiffusionParts:
+    """What one diffusion step touches."""
 
-    from svg_ray.tracking import RunLogger
+    model: DiT
+    """The trained DiT (its parameters are what the optimiser and the EMA see)."""
+    forward: nn.Module
+    """The module the loss calls: ``model`` itself or its DDP wrapper."""
+    ema: EMA
+    opt: torch.optim.Optimizer
+    flow: FlowLoss
+    grad_clip: float
+    amp: torch.dtype | None
+    """Autocast dtype of the forward pass (None: fp32)."""
 
-    cfg = from_dict(DiffusionTrainConfig, config["train"], "train")
-    manifest = DatasetManifest.from_dict(config["manifest"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device, amp = device_and_precision(cfg.precision)
-    steps_per_epoch = int(config["steps_per_epoch"])
-    per_worker = cfg.global_batch // world
 
+def diffusion_step(p: DiffusionParts, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Flow loss on tokens ``x`` (B, T, C) with labels ``y`` (B,), backward, AdamW, EMA.
+
+    Returns the loss and the gradient norm as tensors: reading them is the only host sync, and
+    the loop does it at its logging cadence only.
+    """
+    with torch.autocast(x.device.type, dtype=p.amp, enabled=p.amp is not None):
+        loss = p.flow(p.forward, x, y)
+    p.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), max_norm)
+    p.opt.step()
+    p.ema.update(p.model)
+    return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+
+
+def make_parts(cfg: DiffusionTrainConfig, dcfg: DiTConfig, device: torch.device) -> DiffusionParts:
+    """A freshly initialised DiT (seeded by ``cfg.seed``), its EMA, AdamW and the flow loss."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-    model = DiT(from_dict(DiTConfig, config["dit"], "dit")).to(device)
-    ema = EMA(model, cfg.ema_decay)
+    model = DiT(dcfg).to(device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
-    step = epoch = step_in_epoch = 0
-    state = load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-    ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    flow = FlowLoss(cfg.time_shift)
-    stats = manifest.latent_stats
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    logger = (
-        RunLogger(config["tracking_uri"], config["run_id"], "train", cfg.steps)
-        if rank == 0
-        else None
+    return DiffusionParts(
+        model, model, EMA(model, cfg.ema_decay), opt, FlowLoss(cfg.time_shift), cfg.grad_clip, None
     )
-    if logger and step == 0:
-        logger.metrics({"dit_params_m": count_params(model) / 1e6}, 0)
-    meter = Throughput()
 
-    def state_dict() -> dict[str, Any]:
+
+@register_task
+class DiffusionTask(TrainTask):
+    """The DiT on latent batches; rank 0 exports the EMA sampler bundle."""
+
+    kind = KIND
+    label = "train"
+    spec_type = DiffusionSpec
+
+    def __init__(self, spec: DiffusionSpec, ctx: WorkerContext) -> None:
+        assert spec.run is not None
+        self.spec, self.ctx, self.run = spec, ctx, spec.run
+        self.cfg: DiffusionTrainConfig = spec.train
+        self.manifest = DatasetManifest.from_dict(spec.manifest)
+        self.steps_per_epoch = spec.steps_per_epoch
+        self.per_worker = self.cfg.per_worker_batch(ctx.world)
+        self.parts = make_parts(self.cfg, spec.dit, ctx.device)
+        self.parts.amp = ctx.amp
+        self._cache: dict[str, np.ndarray] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, EMA, optimiser and the settings that produced them."""
         return {
-            "model": model.state_dict(),
-            "ema": ema.model.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "seed": cfg.seed,
-            "mlflow_run_id": config["run_id"],
-            "config": config["train"],
-            "manifest": config["manifest"],
+            "model": self.parts.model.state_dict(),
+            "ema": self.parts.ema.model.state_dict(),
+            "opt": self.parts.opt.state_dict(),
+            "config": to_dict(self.cfg),
+            "manifest": self.spec.manifest,
         }
 
-    cache: dict[str, Any] | None = None
-    while step < cfg.steps:
-        epoch_seed = cfg.seed * 100_003 + epoch * 1_009 + rank
-        if config["cached"]:
-            cache = cache if cache is not None else tdata.read_all(shard)
-            batches = tdata.permuted_batches(cache, per_worker, epoch_seed)
-        else:
-            batches = shard.iter_batches(
-                batch_size=per_worker,
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore weights, EMA and optimiser."""
+        self.parts.model.load_state_dict(state["model"])
+        self.parts.ema.model.load_state_dict(state["ema"])
+        self.parts.opt.load_state_dict(state["opt"])
+
+    def prepare(self) -> None:
+        """DDP wrapper and this rank's dataset shard."""
+        import ray.train
+        import ray.train.torch
+
+        if self.ctx.world > 1:
+            self.parts.forward = ray.train.torch.prepare_model(self.parts.model)
+        self.shard = ray.train.get_dataset_shard(f"train_{self.ctx.rank}")
+
+    def _epoch_rows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        seed = epoch_seed(self.cfg.seed, epoch, self.ctx.rank)
+        if self.spec.cached:
+            if self._cache is None:
+                self._cache = tdata.read_all(self.shard)
+            return tdata.permuted_batches(self._cache, self.per_worker, seed)
+        return iter(
+            self.shard.iter_batches(
+                batch_size=self.per_worker,
                 batch_format="numpy",
                 drop_last=True,
-                local_shuffle_buffer_size=cfg.shuffle_buffer,
-                local_shuffle_seed=epoch_seed,
+                local_shuffle_buffer_size=self.cfg.shuffle_buffer,
+                local_shuffle_seed=seed,
             )
-        it = iter(batches)
-        for i in range(steps_per_epoch):
-            t_wait = time.perf_counter()
-            batch = next(it)
-            if i < step_in_epoch:
-                continue  # resume: these batches were consumed before the checkpoint
-            meter.wait += time.perf_counter() - t_wait
-            torch.manual_seed(step_seed(cfg.seed, step, rank))
-            g = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank) + 1)
-            z, y = tdata.batch_to_tensors(batch, manifest.dtype, cfg.use_flip, g)
-            x = latents_to_tokens(stats.normalize(z)).to(device)  # (B, T, C)
-            y = y.to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = flow(ddp, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            ema.update(model)
-            step += 1
-            step_in_epoch = i + 1
-            meter.samples += per_worker * world
+        )
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_avg = loss.detach().float().clone()
-                if world > 1:
-                    dist.all_reduce(loss_avg)
-                    loss_avg /= world
-                if logger:
-                    _, ips, wait = meter.window()
-                    logger.metrics(
-                        {
-                            "loss": loss_avg.item(),
-                            "grad_norm": float(grad_norm),
-                            "lr": opt.param_groups[0]["lr"],
-                            "images_per_s": ips,
-                            "data_wait_fraction": wait,
-                            "epoch": epoch,
-                        },
-                        step,
-                    )
-                meter.reset()
-            if logger and cfg.sample_every and step % cfg.sample_every == 0:
-                _log_samples(logger, ema.model, manifest, cfg, step, device)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(state_dict(), {"step": step, "loss": loss.item()})
-            if step >= cfg.steps:
-                break
-        else:
-            epoch += 1
-            step_in_epoch = 0
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised token batches (B, T, C) and labels, from batch ``start`` of ``epoch``."""
+        rows = self._epoch_rows(epoch)
+        for _ in range(start):  # consumed before the checkpoint
+            next(rows)
+        for i, batch in enumerate(rows, start):
+            # The flip pick is seeded by the step that trains on the batch (epochs are equal).
+            step = epoch * self.steps_per_epoch + i
+            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.ctx.rank) + 1)
+            z, y = tdata.batch_to_tensors(batch, self.manifest.dtype, self.cfg.use_flip, g)
+            x = latents_to_tokens(self.manifest.latent_stats.normalize(z))  # (B, T, C)
+            yield x.to(self.ctx.device), y.to(self.ctx.device)
 
-    if rank == 0 and logger is not None:
-        _export(logger, ema.model, manifest, cfg, config, step, device)
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, Any]:
+        """One ``diffusion_step``."""
+        return diffusion_step(self.parts, *batch)
+
+    def metrics(self) -> dict[str, float]:
+        """The learning rate."""
+        return {"lr": self.parts.opt.param_groups[0]["lr"]}
+
+    def first_metrics(self) -> dict[str, float]:
+        """The DiT's size."""
+        return {"dit_params_m": count_params(self.parts.model) / 1e6}
+
+    @property
+    def ema_model(self) -> DiT:
+        """The EMA weights, as the DiT they are a copy of."""
+        return cast(DiT, self.parts.ema.model)
+
+    @property
+    def images_every(self) -> int:
+        """``sample_every``."""
+        return self.cfg.sample_every
+
+    def log_images(self, logger: Any, step: int) -> None:
+        """A 16-image sample grid from the EMA weights."""
+        _log_samples(logger, self.ema_model, self.manifest, self.cfg, step, self.ctx.device)
+
+    def export(self, logger: Any, step: int) -> None:
+        """The sampler bundle to storage and MLflow; a registry version if asked."""
+        _export(logger, self.ema_model, self.manifest, self.cfg, self.run, step, self.ctx.device)
 
 
 _AE_CACHE: dict[str, Any] = {}
@@ -341,7 +340,7 @@ def _autoencoder(manifest: DatasetManifest, device: torch.device) -> Any:
 @torch.no_grad()
 def _log_samples(
     logger: Any,
-    ema_model: Any,
+    ema_model: DiT,
     manifest: DatasetManifest,
     cfg: DiffusionTrainConfig,
     step: int,
@@ -359,26 +358,25 @@ def _log_samples(
 
 def _export(
     logger: Any,
-    ema_model: Any,
+    ema_model: DiT,
     manifest: DatasetManifest,
     cfg: DiffusionTrainConfig,
-    config: dict[str, Any],
+    run: RunContext,
     step: int,
     device: torch.device,
 ) -> None:
-    """Final sample grid, the sampler bundle (storage + MLflow artifacts), registry version."""
+    """The sampler bundle (storage + MLflow artifacts), then a registry version."""
     from svg_ray import tracking
     from svg_ray.checkpoint import BundleInfo, save_bundle
 
-    _log_samples(logger, ema_model, manifest, cfg, step, device)
     ae = _autoencoder(manifest, device)
     info = BundleInfo(
         latent_stats=manifest.latent_stats,
         class_names=manifest.class_names,
         step=step,
         source={
-            "mlflow_run_id": config["run_id"],
-            "run_uri": config["run_uri"],
+            "mlflow_run_id": run.run_id,
+            "run_uri": run.run_uri,
             "dataset": cfg.data,
             "autoencoder_id": manifest.autoencoder_id,
         },
@@ -388,10 +386,7 @@ def _export(
     with tempfile.TemporaryDirectory() as d:
         save_bundle(d, ema_cpu, ae.to("cpu"), info)
         logger.artifacts(d, tracking.BUNDLE_ARTIFACT)
-    save_bundle(storage.join(config["run_uri"], "bundle"), ema_cpu, ae, info)
-    if config.get("register_as"):
-        version = tracking.register_bundle(
-            config["tracking_uri"], config["run_id"], config["register_as"], step
-        )
-        logger.set_tag("svg_ray.registered", f"{config['register_as']}/{version}")
-    logger.finish()
+    save_bundle(storage.join(run.run_uri, BUNDLE_DIR), ema_cpu, ae, info)
+    if run.register_as:
+        version = tracking.register_bundle(run.tracking_uri, run.run_id, run.register_as, step)
+        logger.set_tag("svg_ray.registered", f"{run.register_as}/{version}")
