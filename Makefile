@@ -6,12 +6,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.svg-ray-installed
 
-# Environment for a local, loopback-only Ray/MLflow/S3 (see docs in README "Environment").
+# Environment for a local, loopback-only Ray/MLflow/S3.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test lint typecheck pytest browser bench clean
+.PHONY: venv demo test test-fast lint typecheck pytest browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ pytest: $(STAMP) browser
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# The unit tier only (no Ray, no processes, no servers): under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m unit -q
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from svg_ray.config import add_arguments, parse_arguments
+from svg_ray.command import Command, Section
 from svg_ray.evaluation.config import (
     TASKS,
     EvalRun,
@@ -37,47 +37,46 @@ _TASK_HELP = {
 }
 
 
+def _sections(task: str) -> list[Section]:
+    """The settings of one task: its own, the sampler's or Inception's, and the run's."""
+    own = {"generation": GenerationEval, "reconstruction": ReconstructionEval, "probe": ProbeEval}
+    sections = [Section("eval", own[task])]
+    if task == "generation":
+        sections.append(Section("sampler", SamplerConfig, prefix="sampler_", group="sampler"))
+    if task != "probe":
+        sections.append(Section("inception", InceptionSettings, group="inception"))
+    sections.append(Section("run", EvalRun, group="run", defaults={"name": task}))
+    return sections
+
+
+COMMANDS = {
+    task: Command(f"svg-ray eval {task}", _TASK_HELP[task], _sections(task)) for task in TASKS
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per task; flags come from the settings dataclasses."""
     p = argparse.ArgumentParser(prog="svg-ray eval", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASKS) + "}")
     for task in TASKS:
-        sp = sub.add_parser(task, help=_TASK_HELP[task], description=_TASK_HELP[task])
-        if task == "generation":
-            add_arguments(sp, GenerationEval)
-            add_arguments(sp.add_argument_group("sampler"), SamplerConfig, prefix="sampler_")
-        elif task == "reconstruction":
-            add_arguments(sp, ReconstructionEval)
-        else:
-            add_arguments(sp, ProbeEval)
-        if task != "probe":
-            add_arguments(sp.add_argument_group("inception"), InceptionSettings)
-        add_arguments(sp.add_argument_group("run"), EvalRun, defaults=EvalRun(name=task))
+        COMMANDS[task].add_to(
+            sub.add_parser(task, help=_TASK_HELP[task], description=_TASK_HELP[task])
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, validate, evaluate; prints a one-line summary and where results went."""
     args = vars(build_parser().parse_args(argv))
-    task = args["task"]
-    run = parse_arguments(EvalRun, args, "eval")
-    if task == "generation":
-        summary = launch(
-            task,
-            run,
-            generation=parse_arguments(GenerationEval, args, "eval"),
-            inception=parse_arguments(InceptionSettings, args, "eval"),
-            sampler=parse_arguments(SamplerConfig, args, "sampler", prefix="sampler_"),
-        )
-    elif task == "reconstruction":
-        summary = launch(
-            task,
-            run,
-            reconstruction=parse_arguments(ReconstructionEval, args, "eval"),
-            inception=parse_arguments(InceptionSettings, args, "eval"),
-        )
-    else:
-        summary = launch(task, run, probe=parse_arguments(ProbeEval, args, "eval"))
+    task = args.pop("task")
+    cfg = COMMANDS[task].build(args)
+    summary = launch(
+        task,
+        cfg["run"],
+        **{task: cfg["eval"]},
+        inception=cfg.get("inception"),
+        sampler=cfg.get("sampler"),
+    )
     shown = {k: v for k, v in summary["metrics"].items() if not k.endswith("_std")}
     print(
         f"[eval] {task}: "

@@ -10,19 +10,18 @@ released tensor must map onto our modules (or be a listed training-only tensor),
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from svg_ray.config import add_arguments, parse_arguments
+from svg_ray.command import Command, Section
 from svg_ray.importer import ImportConfig, run_import
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, import, write; prints what was written and the next command."""
-    p = argparse.ArgumentParser(prog="svg-ray import", description=__doc__.splitlines()[0])
-    add_arguments(p, ImportConfig)
-    cfg = parse_arguments(ImportConfig, vars(p.parse_args(argv)), "import")
+    cfg = Command("svg-ray import", __doc__, [Section("import", ImportConfig)]).parse(argv)[
+        "import"
+    ]
     summary = run_import(cfg)
     for part in ("autoencoder", "dit"):
         if part in summary:

@@ -40,13 +40,30 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (SvgRayError,)
 
 
+def version() -> str:
+    """The installed svg-ray version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("svg-ray")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "0+unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``svg-ray <command> [args]``; errors print a message, not a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(f"svg-ray {version()}")
+        return 0
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         width = max(len(c) for c in COMMANDS)
         lines = [f"  {c.ljust(width)}  {h}" for c, (_, h) in COMMANDS.items()]
-        print("usage: svg-ray <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print(
+            "usage: svg-ray <command> [options]   (svg-ray --version)\n\ncommands:\n"
+            + "\n".join(lines)
+        )
         if argv and argv[0] not in {"-h", "--help"}:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
@@ -57,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"svg-ray {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop` during training
+        print(f"svg-ray {argv[0]}: stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

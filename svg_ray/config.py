@@ -142,85 +142,28 @@ def require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def add_arguments(parser: Any, cls: type, prefix: str = "", defaults: Any = None) -> None:
-    """Add one ``--flag`` per field of dataclass ``cls`` (help text from the field docstrings).
-
-    Values are parsed as strings/JSON-ish scalars here and validated by ``from_dict`` later, so
-    the command line and config files share one set of rules. ``defaults``: an instance of
-    ``cls`` whose values replace the field defaults (one job's own defaults for shared settings).
-    """
-    import argparse
-
-    docs = field_docs(cls)
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        # argparse %-formats help text: a literal % in a docstring must not break --help.
-        helptext = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
-        if tp is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=helptext
-            )
-        elif get_origin(tp) in (tuple, list):
-            parser.add_argument(flag, nargs="+", type=_scalar, default=default, help=helptext)
-        elif tp is str:
-            parser.add_argument(flag, type=str, default=default, help=helptext)
-        elif str in get_args(tp):  # optional string: only none/null mean "unset"
-            parser.add_argument(flag, type=_optional_str, default=default, help=helptext)
-        else:
-            parser.add_argument(flag, type=_scalar, default=default, help=helptext)
-
-
-def _optional_str(text: str) -> str | None:
-    """'none'/'null' -> None, anything else stays a string."""
-    return None if text.lower() in {"none", "null"} else text
-
-
-def _scalar(text: str) -> Any:
-    """Parse a command-line value: int, float, null/none, or the string itself."""
-    low = text.lower()
-    if low in {"none", "null"}:
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_arguments(cls: type[T], values: dict[str, Any], where: str, prefix: str = "") -> T:
-    """Build ``cls`` from an argparse namespace dict filled by ``add_arguments``."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    data = {n: values[prefix + n] for n in names if prefix + n in values}
-    return from_dict(cls, data, where)
-
-
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it in the class body."""
+    """Field name -> the docstring written under it in the class body (base classes too)."""
     import ast
     import inspect
     import textwrap
 
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     out: dict[str, str] = {}
-    for a, b in itertools.pairwise(body):
-        if (
-            isinstance(a, ast.AnnAssign)
-            and isinstance(a.target, ast.Name)
-            and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant)
-            and isinstance(b.value.value, str)
-        ):
-            out[a.target.id] = " ".join(b.value.value.split())
+    for klass in reversed(cls.__mro__):  # a subclass's docstring replaces its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in itertools.pairwise(body):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                out[a.target.id] = " ".join(b.value.value.split())
     return out

@@ -22,9 +22,9 @@ import pytest
 import torch
 from test_images import BAD_SET_MAX_PIXELS, write_bad_images
 
-from pipelines.precompute import main as precompute_main
 from svg_ray import storage
 from svg_ray.checkpoint import load_autoencoder, save_autoencoder
+from svg_ray.cli import main as cli_main
 from svg_ray.config import ConfigError
 from svg_ray.data import schema
 from svg_ray.data.digits import write_image_folder
@@ -50,6 +50,7 @@ from svg_ray.data.precompute import (
     run_precompute,
 )
 from svg_ray.data.stats import LatentStats
+from svg_ray.errors import SvgRayError
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
 
 N_DIGITS = 120
@@ -203,6 +204,11 @@ def test_stages_chain_without_ray_including_an_all_bad_chunk(
     assert (tmp_path / "shards" / "part-000000.parquet").exists()
     assert not (tmp_path / "shards" / "part-000001.parquet").exists()  # no empty shard
     assert json.loads((tmp_path / record_name(1)).read_text())["shard"] is None
+
+
+def precompute_main(argv: list[str]) -> int:
+    """The user's entry point: `svg-ray precompute ...` (errors become one line and exit 2)."""
+    return cli_main(["precompute", *argv])
 
 
 def test_entrypoint_validates_inputs(
@@ -534,5 +540,5 @@ def test_unschedulable_pipeline_is_refused(
     ray_session: None, tmp_path: Path, image_root: Path, ae_path: str
 ) -> None:
     cfg = _cfg(input=str(image_root), out=str(tmp_path / "o"), autoencoder=ae_path, encode_gpus=1)
-    with pytest.raises(PrecomputeError, match="GPUs but the Ray cluster has 0"):
+    with pytest.raises(SvgRayError, match="GPUs but the Ray cluster has 0"):
         run_precompute(cfg)  # would otherwise wait forever for a GPU

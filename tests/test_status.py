@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from svg_ray.status import render, scan_mlflow, scan_storage
 
 
@@ -39,6 +41,7 @@ def test_incomplete_dataset_and_unfinished_run_are_reported(tmp_path: Path) -> N
     assert "latest step 20, loss 0.5" in text
 
 
+@pytest.mark.integration  # runs `svg-ray status` in a subprocess
 def test_empty_storage_and_missing_store_are_not_created(tmp_path: Path) -> None:
     report = scan_storage(str(tmp_path / "nothing"))
     assert not (report.datasets or report.runs or report.bundles)
