@@ -164,11 +164,10 @@ def read_row_group(
     """``columns`` of one row group of one shard, using the footer already in the index (one
     ranged GET per column chunk on S3, coalesced where they touch; a page-cache map locally)."""
     path = _path(shard.uri)
-    source = (
-        pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
-    )
-    with source:
-        pf = pq.ParquetFile(source, metadata=shard.metadata, pre_buffer=True)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with pa.memory_map(path) if local else fs.open_input_file(path) as source:
+        # pre_buffer fetches the column chunks in (few, concurrent) requests: for remote files
+        pf = pq.ParquetFile(source, metadata=shard.metadata, pre_buffer=not local)
         return pf.read_row_group(row_group, columns=columns, use_threads=False)
 
 
@@ -260,18 +259,19 @@ class LatentReader:
         cache_mb: int = 0,
         prefetch: int = 1,
         window_rows: int = 0,
-        threads: int = 4,
+        threads: int = 0,
         read: ReadFn = read_row_group,
     ) -> None:
         """Plan the epochs (no data read yet).
 
         ``cache_mb``: hold the whole dataset in memory when it fits (0: always stream);
         ``prefetch``: windows read ahead of the one being consumed; ``window_rows``: rows
-        shuffled together when streaming (0: the largest shard's rows); ``threads``: concurrent
-        row-group reads; ``read``: the storage read (wrap it to add retries or count reads).
+        shuffled together when streaming (0: the largest shard's rows; a resume re-reads fewer);
+        ``threads``: concurrent row-group reads (0: 4 on local files, 8 on S3, where reads wait
+        on the network); ``read``: the storage read (wrap it to add retries or count reads).
         """
         require(prefetch >= 0, "prefetch must be >= 0")
-        require(threads >= 1, "threads must be >= 1")
+        require(threads >= 0, "threads must be >= 0")
         require(0 <= rank < world, f"rank {rank} is outside world size {world}")
         self.index = index
         self.manifest = manifest
@@ -284,6 +284,7 @@ class LatentReader:
         self.read = read
         self.stats = ReadStats()
         self.fs, _ = storage.filesystem(index.root)
+        threads = threads or (8 if storage.is_s3(index.root) else 4)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="latent-reader")
         self._latent_bytes = int(np.prod(manifest.latent_shape)) * 2
         needed = index.num_rows * (self._latent_bytes * (2 if self.flips else 1) + 8)
