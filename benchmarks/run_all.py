@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import machine, write_json
 
-BENCHMARKS = ["precompute", "train", "serve", "sampler"]
+BENCHMARKS = ["precompute", "train", "serve", "sampler", "data_order"]
 # Run only when named (--only gpu): it needs a CUDA device.
 GPU_BENCHMARKS = ["gpu"]
 

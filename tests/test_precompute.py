@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from latent_data import write_precomputed
 from test_images import BAD_SET_MAX_PIXELS, write_bad_images
 
 from svg_ray import storage
@@ -32,7 +34,9 @@ from svg_ray.data.images import prepare_image, to_model_input
 from svg_ray.data.manifest import (
     DatasetManifest,
     ManifestError,
+    ShardLabelSummary,
     SkippedInput,
+    expected_classes,
     latents_to_numpy,
     latents_to_torch,
     load_manifest,
@@ -41,6 +45,7 @@ from svg_ray.data.precompute import (
     Chunk,
     DecodeChunk,
     EncodeChunk,
+    InputPlan,
     PrecomputeConfig,
     PrecomputeError,
     WriteChunk,
@@ -179,9 +184,58 @@ def test_plan_is_sorted_and_deterministic(image_root: Path, ae_path: str) -> Non
     assert not any(i.endswith((".DS_Store", "README.txt")) for i in plan.ids)
     assert all(plan.labels[k] == int(i.split("/")[0]) for k, i in enumerate(plan.ids))
     assert plan.fingerprint() == plan_inputs(cfg).fingerprint()
-    chunks = make_chunks(plan, 32)
+    chunks = make_chunks(plan, 32)  # no seed: consecutive slices (evaluation jobs)
     assert [len(c.ids) for c in chunks] == [32, 32, 32, 32, 5]
     assert [i for c in chunks for i in c.ids] == plan.ids
+    mixed = make_chunks(plan, 32, seed=0)  # what precompute cuts
+    assert [len(c.ids) for c in mixed] == [32, 32, 32, 32, 5]
+    assert sorted(i for c in mixed for i in c.ids) == plan.ids  # each input exactly once
+    for c in mixed:
+        assert all(
+            plan.labels[plan.ids.index(i)] == y for i, y in zip(c.ids, c.labels, strict=True)
+        )
+    again = make_chunks(plan_inputs(cfg), 32, seed=0)
+    assert [c.ids for c in again] == [c.ids for c in mixed]  # a rerun cuts the same chunks
+    assert [c.ids for c in make_chunks(plan, 32, seed=1)] != [c.ids for c in mixed]
+
+
+def test_chunks_of_a_class_sorted_tree_are_mixed() -> None:
+    """ImageNet-shaped listing (1,000 class folders x 100 images, sorted): every 1,024-row chunk
+    of the seeded order holds about as many classes as a random sample; sorted slices hold 11."""
+    labels = [c for c in range(1000) for _ in range(100)]
+    ids = [f"n{y:08d}/{k:06d}.JPEG" for k, y in enumerate(labels)]
+    plan = InputPlan("folder", ids, labels, ids, [f"n{y:08d}" for y in range(1000)])
+    iid = expected_classes(np.bincount(labels), 1024)  # ~640 of 1,000
+    full = lambda cs: [c for c in cs if len(c.ids) == 1024]  # noqa: E731
+    mixed = [len(set(c.labels)) for c in full(make_chunks(plan, 1024, seed=0))]
+    sorted_ = [len(set(c.labels)) for c in full(make_chunks(plan, 1024))]
+    assert min(mixed) >= 0.9 * iid, (min(mixed), iid)
+    assert max(sorted_) <= 12 < 0.05 * iid
+    summary = ShardLabelSummary.of([dict(Counter(c.labels)) for c in make_chunks(plan, 1024, 0)])
+    assert summary.mixed and summary.iid_classes == pytest.approx(iid, rel=1e-6)
+    assert not ShardLabelSummary.of(
+        [dict(Counter(c.labels)) for c in make_chunks(plan, 1024)]
+    ).mixed
+
+
+def test_records_and_manifest_summarise_shard_labels(tmp_path: Path) -> None:
+    """The real writer and manifest builder: label histograms per commit record, summary and
+    seed in the manifest; the reader's view of an older manifest (no summary) is 'not mixed'."""
+    labels = [c for c in range(10) for _ in range(40)]
+    m = write_precomputed(str(tmp_path / "new"), labels, rows_per_shard=32, shuffle_seed=7)
+    assert m.shuffle_seed == 7 and m.shards_mixed and m.shard_labels is not None
+    assert m.shard_labels.shards == 13 and m.shard_labels.classes_max == 10
+    table = _read_shards(tmp_path / "new")
+    for k, rel in enumerate(m.shards):
+        record = json.loads((tmp_path / "new" / record_name(k)).read_text())
+        shard = pq.read_table(tmp_path / "new" / rel, columns=["label"]).column(0).to_pylist()
+        assert record["labels"] == {str(y): n for y, n in Counter(shard).items()}
+    assert sorted(table.column("label").to_pylist()) == labels
+    assert load_manifest(str(tmp_path / "new")).to_dict() == m.to_dict()
+    old = write_precomputed(str(tmp_path / "old"), labels, rows_per_shard=32, shuffle_seed=-1)
+    assert old.shuffle_seed is None and old.shard_labels is None and not old.shards_mixed
+    old_dict = {k: v for k, v in old.to_dict().items() if k not in ("shuffle_seed", "shard_labels")}
+    assert DatasetManifest.from_dict(old_dict).shard_labels is None  # older manifests still load
 
 
 def test_stages_chain_without_ray_including_an_all_bad_chunk(
@@ -201,6 +255,7 @@ def test_stages_chain_without_ray_including_an_all_bad_chunk(
         assert int(summary["rows"][0]) == record["rows"] == (3 if k == 0 else 0)
         assert [i for i, _ in record["skipped"]] == ["3/notes.txt", "3/empty.png"]
         assert record["moments"]["count"] == record["rows"] * 2 * ae.grid**2  # flips included
+        assert record["labels"] == ({"0": 3} if k == 0 else {})  # written rows only
     assert (tmp_path / "shards" / "part-000000.parquet").exists()
     assert not (tmp_path / "shards" / "part-000001.parquet").exists()  # no empty shard
     assert json.loads((tmp_path / record_name(1)).read_text())["shard"] is None
@@ -267,6 +322,9 @@ def test_bad_images_counted_listed_good_kept(local_run, image_root: Path) -> Non
     assert {f"3/{n}" for n, (k, _) in bad.items() if k} <= set(ids)
     assert m.class_names == [str(i) for i in range(10)] and m.has_flip and m.dtype == "float16"
     assert table.column(schema.COL_LABEL).to_pylist() == [int(i.split("/")[0]) for i in ids]
+    # Shards are random samples of the class-sorted tree, not runs of two or three classes.
+    assert m.shuffle_seed == 0 and m.shard_labels is not None and m.shards_mixed
+    assert m.shard_labels.classes_median >= 9, m.shard_labels
     assert result.summary_line().startswith(f"precompute: {result.inputs} images, {n_kept}")
 
 
@@ -320,6 +378,9 @@ def test_rerun_is_idempotent_and_foreign_settings_refused(local_run) -> None:  #
     other = PrecomputeConfig(**{**cfg.__dict__, "dtype": "bfloat16"})
     with pytest.raises(PrecomputeError, match="dtype"):
         run_precompute(other)
+    reshuffled = PrecomputeConfig(**{**cfg.__dict__, "shuffle_seed": 1})  # other chunks
+    with pytest.raises(PrecomputeError, match="shuffle_seed"):
+        run_precompute(reshuffled)
 
 
 def _parquet_input(root: Path, image_root: Path) -> list[tuple[str, str]]:
@@ -364,23 +425,23 @@ def test_parquet_input_bf16(
     assert m.num_rows == len(rows) - 2 and result.chunks_total == 3  # chunks span both files
     table = _read_shards(out)
     ids = table.column(schema.COL_ID).to_pylist()
-    assert ids[:6] == [
-        "a.parquet:0",
-        "a.parquet:1",
-        "a.parquet:2",
-        "a.parquet:3",
-        "a.parquet:4",
-        "a.parquet:6",
+    # Shards are mixed, so rows are found by id: "<file>:<row>" for both input files.
+    flat = [
+        (f"{name}:{r}", row)
+        for name, part in (("a.parquet", rows[:19]), ("b.parquet", rows[19:]))
+        for r, row in enumerate(part)
     ]
+    good = {i: label for i, (_, label) in flat if i not in ("a.parquet:5", "b.parquet:1")}
+    assert sorted(ids) == sorted(good)
     labels = table.column(schema.COL_LABEL).to_pylist()
-    flat = [r for k, r in enumerate(rows) if k not in (5, 20)]
-    assert [m.class_names[y] for y in labels] == [label for _, label in flat]
+    assert [m.class_names[y] for y in labels] == [good[i] for i in ids]
     z = _latents(table, schema.COL_LATENT, "bfloat16")
     assert z.dtype == torch.bfloat16
     # Row 6 of a.parquet is the 6th good image (files[5]): compare with the AE run directly.
     src = sorted(image_root.glob("[0-9]/*.png"))[5]
     direct = _direct_encode(ae, [src]).bfloat16().float()
-    torch.testing.assert_close(z[5:6].float(), direct, rtol=1e-2, atol=2e-2)
+    k = ids.index("a.parquet:6")
+    torch.testing.assert_close(z[k : k + 1].float(), direct, rtol=1e-2, atol=2e-2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,6 +539,7 @@ def test_kill_midway_and_resume(
     expected = plan_inputs(cfg).ids
     assert len(ids) == len(set(ids)) == m.num_rows  # no duplicates
     assert sorted(ids + [s.id for s in m.skipped]) == sorted(expected)  # none missing
+    assert m.shards_mixed  # the chunks the killed run and the rerun cut were the same mix
     assert not (out / "_tmp").exists()
 
 

@@ -8,7 +8,8 @@ Layout of a dataset root (local path or ``s3://bucket/prefix``)::
 
     manifest.json            this file (DatasetManifest)
     shards/part-000000.parquet ...   one row per image: id, label, latent[, latent_flip]
-    chunks/chunk-000000.json ...     per-chunk commit records (rows, skipped inputs, moments)
+    chunks/chunk-000000.json ...     per-chunk commit records (rows, skipped inputs, moments,
+                                     label histogram)
     job.json                 the job's fingerprint; a rerun with other settings is refused
 """
 
@@ -28,6 +29,8 @@ from svg_ray.errors import SvgRayError
 
 MANIFEST_FORMAT = "svg-ray-latents/1"
 LATENT_DTYPES = ("float16", "bfloat16")
+MIXED_FRACTION = 0.8
+"""Shards count as mixed when their median class count reaches this share of a random sample's."""
 
 
 class ManifestError(SvgRayError, RuntimeError):
@@ -42,6 +45,77 @@ class SkippedInput:
     """The image id it would have had (relative path, or ``file.parquet:row``)."""
     reason: str
     """Human-readable cause, e.g. ``undecodable: cannot identify image file``."""
+
+
+def expected_classes(counts: np.ndarray, n: int) -> float:
+    """Distinct labels expected among ``n`` draws with replacement from rows with these per-class
+    ``counts`` (the iid baseline of a shard or batch)."""
+    p = np.asarray(counts, np.float64)
+    p = p[p > 0] / p.sum()
+    return float((1.0 - (1.0 - p) ** n).sum())
+
+
+@dataclass
+class ShardLabelSummary:
+    """How many classes the shards hold, against a random sample of the same size."""
+
+    shards: int
+    """Non-empty shards summarised."""
+    classes_min: int
+    """Fewest distinct labels in one shard."""
+    classes_median: float
+    """Median distinct labels per shard."""
+    classes_max: int
+    """Most distinct labels in one shard."""
+    iid_classes: float
+    """Distinct labels expected in a random sample of the median shard size from the dataset."""
+
+    @property
+    def mixed(self) -> bool:
+        """Whether shards look like random samples of the dataset (not class-sorted runs)."""
+        return self.classes_median >= MIXED_FRACTION * self.iid_classes
+
+    @classmethod
+    def of(cls, histograms: list[dict[int, int]]) -> ShardLabelSummary:
+        """Summarise per-shard label histograms (label -> rows); empty shards are ignored."""
+        hists = [h for h in histograms if sum(h.values()) > 0]
+        if not hists:
+            raise ValueError("no non-empty shard histograms to summarise")
+        classes = np.array([len([c for c in h.values() if c > 0]) for h in hists])
+        totals: dict[int, int] = {}
+        for h in hists:
+            for label, c in h.items():
+                totals[label] = totals.get(label, 0) + c
+        n = int(np.median([sum(h.values()) for h in hists]))
+        return cls(
+            shards=len(hists),
+            classes_min=int(classes.min()),
+            classes_median=float(np.median(classes)),
+            classes_max=int(classes.max()),
+            iid_classes=expected_classes(np.array(list(totals.values())), n),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (with the derived ``mixed`` flag, for people reading the file)."""
+        return {
+            "shards": self.shards,
+            "classes_min": self.classes_min,
+            "classes_median": self.classes_median,
+            "classes_max": self.classes_max,
+            "iid_classes": round(self.iid_classes, 3),
+            "mixed": self.mixed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardLabelSummary:
+        """Inverse of to_dict (``mixed`` is recomputed)."""
+        return cls(
+            shards=int(d["shards"]),
+            classes_min=int(d["classes_min"]),
+            classes_median=float(d["classes_median"]),
+            classes_max=int(d["classes_max"]),
+            iid_classes=float(d["iid_classes"]),
+        )
 
 
 @dataclass
@@ -78,6 +152,11 @@ class DatasetManifest:
     """'folder' (ImageNet-style tree) or 'parquet' (encoded bytes + label column)."""
     shards: list[str] = field(default_factory=list)
     """Shard paths relative to the dataset root, in chunk order."""
+    shuffle_seed: int | None = None
+    """Seed of the random assignment of inputs to shards; None: shards hold consecutive runs of
+    the sorted input list (written by an older precompute, or with --shuffle-seed -1)."""
+    shard_labels: ShardLabelSummary | None = None
+    """Classes per shard against a random sample's; None for datasets of older precomputes."""
     bytes_per_row: float = 0.0
     """Average stored shard bytes per row (latent columns dominate)."""
     created: str = ""
@@ -105,6 +184,14 @@ class DatasetManifest:
     def num_skipped(self) -> int:
         """How many inputs were skipped."""
         return len(self.skipped)
+
+    @property
+    def shards_mixed(self) -> bool:
+        """Whether every shard is a random sample of the dataset. Older precomputes (no label
+        summary) cut the sorted input list: class-sorted shards for a class-folder tree."""
+        if self.shard_labels is not None:
+            return self.shard_labels.mixed
+        return False
 
     @property
     def columns(self) -> list[str]:
@@ -136,6 +223,8 @@ class DatasetManifest:
             "source_format": self.source_format,
             "shards": list(self.shards),
             "bytes_per_row": self.bytes_per_row,
+            "shuffle_seed": self.shuffle_seed,
+            "shard_labels": self.shard_labels.to_dict() if self.shard_labels else None,
             "created": self.created,
         }
 
@@ -165,6 +254,12 @@ class DatasetManifest:
                 source_format=str(d.get("source_format", "folder")),
                 shards=[str(s) for s in d.get("shards", [])],
                 bytes_per_row=float(d.get("bytes_per_row", 0.0)),
+                shuffle_seed=None if d.get("shuffle_seed") is None else int(d["shuffle_seed"]),
+                shard_labels=(
+                    ShardLabelSummary.from_dict(d["shard_labels"])
+                    if d.get("shard_labels")
+                    else None
+                ),
                 created=str(d.get("created", "")),
             )
         except KeyError as e:

@@ -1,7 +1,9 @@
 """Precompute SVG latents once with Ray Data: images -> DINO + residual latents -> Parquet.
 
-The input list is sorted and cut into deterministic *chunks* of ``rows_per_shard`` images; a
-chunk is the unit of work, of output and of resume:
+The input list is sorted, then dealt into deterministic *chunks* of ``rows_per_shard`` images in
+a seeded pseudo-random order (``shuffle_seed``), so every shard and every encoder batch is a
+random sample of the dataset rather than a run of one class; a chunk is the unit of work, of
+output and of resume:
 
     chunk specs --DecodeChunk (CPU actors)--> uint8 crops --EncodeChunk (GPU/CPU actors)-->
     latents + moments --WriteChunk (I/O actors)--> shards/part-NNNNNN.parquet + chunks/*.json
@@ -11,7 +13,8 @@ after the shard, and both names derive from the chunk index, so a killed job rer
 settings skips committed chunks and overwrites half-written ones: exactly one row per input, none
 missing, none duplicated. Ray's own ``write_parquet`` names files randomly per run, which would
 duplicate rows on a rerun, hence the explicit writer. ``manifest.json`` is written last, from the
-chunk records (row counts, skipped inputs, per-channel moments), never from Ray's in-memory state.
+chunk records (row counts, skipped inputs, per-channel moments, label histograms), never from
+Ray's in-memory state.
 
 Why one row per chunk between stages: the three stages must agree on chunk boundaries, which
 Ray's block splitting and coalescing do not preserve for per-image rows.
@@ -43,6 +46,7 @@ from svg_ray.data import schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, prepare_image, to_model_input
 from svg_ray.data.manifest import (
     DatasetManifest,
+    ShardLabelSummary,
     SkippedInput,
     latents_to_numpy,
     latents_to_torch,
@@ -91,6 +95,9 @@ class PrecomputeConfig:
     """Also store the latent of the horizontally flipped image (column latent_flip)."""
     rows_per_shard: int = 1024
     """Images per chunk = rows per Parquet file (fewer when inputs are skipped); the resume unit."""
+    shuffle_seed: int = 0
+    """Seed of the random assignment of inputs to chunks (mixed shards and encoder batches); -1
+    keeps the sorted order (only for inputs whose rows are already in random order)."""
     batch_size: int = 64
     """Encoder batch size inside a chunk."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -126,6 +133,7 @@ class PrecomputeConfig:
         require(self.dtype in ("float16", "bfloat16"), "precompute.dtype: float16 or bfloat16")
         require(self.resolution >= 0, "precompute.resolution must be >= 0")
         require(self.rows_per_shard >= 1, "precompute.rows_per_shard must be >= 1")
+        require(self.shuffle_seed >= -1, "precompute.shuffle_seed must be >= 0 (or -1: sorted)")
         require(self.batch_size >= 1, "precompute.batch_size must be >= 1")
         require(self.max_pixels >= 1, "precompute.max_pixels must be >= 1")
         require(self.limit >= 0, "precompute.limit must be >= 0")
@@ -140,6 +148,11 @@ class PrecomputeConfig:
             storage.join(self.out, "") != storage.join(self.input, ""),
             "precompute.out must differ from precompute.input",
         )
+
+    @property
+    def chunk_seed(self) -> int | None:
+        """The seed that deals inputs to chunks (None: consecutive slices of the sorted list)."""
+        return self.shuffle_seed if self.shuffle_seed >= 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +300,7 @@ def plan_inputs(cfg: PrecomputeConfig) -> InputPlan:
 
 @dataclass
 class Chunk:
-    """A contiguous slice of the plan: the unit of work, output file and resume."""
+    """A set of plan inputs, in processing order: the unit of work, output file and resume."""
 
     index: int
     ids: list[str]
@@ -308,17 +321,46 @@ class Chunk:
         )
 
 
-def make_chunks(plan: InputPlan, rows_per_shard: int) -> list[Chunk]:
-    """Cut the plan into chunks of ``rows_per_shard`` (the last may be shorter)."""
-    return [
-        Chunk(
-            i // rows_per_shard,
-            plan.ids[i : i + rows_per_shard],
-            plan.labels[i : i + rows_per_shard],
-            plan.sources[i : i + rows_per_shard],
+CHUNK_ORDER = "blake2b-64/1"
+"""Name of the seeded input order below; part of the job fingerprint, so a change of algorithm
+can never mix two orders in one output folder."""
+
+
+def shuffled_positions(ids: list[str], seed: int) -> list[int]:
+    """Plan positions sorted by a keyed 64-bit hash of (seed, id): a seeded pseudo-random order
+    that depends on nothing else (no library's random stream), so every rerun and resume of a
+    job cuts exactly the same chunks."""
+    keyed = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+    def digest(item: str) -> bytes:
+        h = keyed.copy()  # cheaper than a new keyed hash per id (1.28M ids: ~2 s)
+        h.update(item.encode())
+        return h.digest()
+
+    keys = np.frombuffer(b"".join(map(digest, ids)), dtype=">u8")
+    return [int(p) for p in np.argsort(keys, kind="stable")]
+
+
+def make_chunks(plan: InputPlan, rows_per_shard: int, seed: int | None = None) -> list[Chunk]:
+    """Cut the plan into chunks of ``rows_per_shard`` (the last may be shorter).
+
+    With a ``seed`` the inputs are first put in a seeded random order (``shuffled_positions``):
+    every chunk, and every batch inside it, is then a random sample of the plan. Without one,
+    chunks are consecutive slices of the plan's sorted order (what evaluation jobs want).
+    """
+    order = list(range(len(plan.ids))) if seed is None else shuffled_positions(plan.ids, seed)
+    chunks = []
+    for i in range(0, len(order), rows_per_shard):
+        pos = order[i : i + rows_per_shard]
+        chunks.append(
+            Chunk(
+                i // rows_per_shard,
+                [plan.ids[p] for p in pos],
+                [plan.labels[p] for p in pos],
+                [plan.sources[p] for p in pos],
+            )
         )
-        for i in range(0, len(plan.ids), rows_per_shard)
-    ]
+    return chunks
 
 
 def shard_name(chunk: int) -> str:
@@ -503,13 +545,15 @@ class EncodeChunk:
 class WriteChunk:
     """Stage 3 (I/O actors): write the chunk's shard, then its commit record."""
 
-    def __init__(self, out: str, dtype: str, flip: bool) -> None:
-        """Keep one filesystem client per actor."""
+    def __init__(self, out: str, dtype: str, flip: bool, row_group_rows: int = 0) -> None:
+        """Keep one filesystem client per actor; ``row_group_rows``: rows per Parquet row group
+        (0: as many as fit in ROW_GROUP_BYTES)."""
         self.out = out
         self.fs, self.root = storage.filesystem(out)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.dtype = dtype
         self.flip = flip
+        self.row_group_rows = row_group_rows
 
     def _table(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = json.loads(_one(batch, "ids"))
@@ -538,7 +582,7 @@ class WriteChunk:
             },
             "use_dictionary": False,
             "write_statistics": [schema.COL_ID, schema.COL_LABEL],
-            "row_group_size": max(1, ROW_GROUP_BYTES // row_bytes),
+            "row_group_size": self.row_group_rows or max(1, ROW_GROUP_BYTES // row_bytes),
         }
         if self.local:
             tmp = f"{self.root}/{TMP_DIR}/{os.path.basename(rel)}.{uuid.uuid4().hex}"
@@ -562,6 +606,7 @@ class WriteChunk:
             rel = shard_name(chunk)
             size = self._write_shard(self._table(batch), rel)
         skipped = json.loads(_one(batch, "skipped"))
+        labels, counts = np.unique(np.asarray(_one(batch, "labels"), np.int64), return_counts=True)
         write_s = time.perf_counter() - t0
         record = {
             "chunk": chunk,
@@ -570,6 +615,8 @@ class WriteChunk:
             "shard": rel,
             "bytes": size,
             "skipped": skipped,
+            # label -> rows written: the manifest summarises how mixed the shards are
+            "labels": {str(int(y)): int(c) for y, c in zip(labels, counts, strict=True)},
             "moments": {
                 "count": int(_one(batch, "count")),
                 "total": np.asarray(_one(batch, "total"), np.float64).tolist(),
@@ -649,6 +696,8 @@ def _job_fingerprint(
         "dtype": cfg.dtype,
         "flip": cfg.flip,
         "rows_per_shard": cfg.rows_per_shard,
+        "shuffle_seed": cfg.shuffle_seed,
+        "chunk_order": CHUNK_ORDER if cfg.shuffle_seed >= 0 else "sorted",
         "max_pixels": cfg.max_pixels,
         "source_uri": cfg.input,
         "source_format": plan.source_format,
@@ -766,6 +815,7 @@ def build_manifest(
     total_bytes = 0
     skipped: list[SkippedInput] = []
     shards: list[str] = []
+    histograms: list[dict[int, int]] = []
     for c in chunks:
         r = records[c.index]
         if r["rows"] + len(r["skipped"]) != len(c.ids) or r["expected"] != len(c.ids):
@@ -778,6 +828,7 @@ def build_manifest(
         skipped += [SkippedInput(i, reason) for i, reason in r["skipped"]]
         if r["shard"]:
             shards.append(r["shard"])
+            histograms.append({int(y): int(n) for y, n in r["labels"].items()})
         m = r["moments"]
         moments = moments.merge(
             ChannelMoments(int(m["count"]), np.asarray(m["total"]), np.asarray(m["total_sq"]))
@@ -801,6 +852,8 @@ def build_manifest(
         source_format=plan.source_format,
         shards=shards,
         bytes_per_row=total_bytes / rows,
+        shuffle_seed=cfg.chunk_seed,
+        shard_labels=ShardLabelSummary.of(histograms),
     )
 
 
@@ -850,7 +903,7 @@ def run_precompute(
             "(its position embeddings fix the input size); leave it at 0"
         )
     plan = plan_inputs(cfg)
-    chunks = make_chunks(plan, cfg.rows_per_shard)
+    chunks = make_chunks(plan, cfg.rows_per_shard, cfg.chunk_seed)
     _check_or_write_job(cfg.out, _job_fingerprint(cfg, plan, ae_info["autoencoder_id"], resolution))
     done = _committed(cfg.out)
     pending = [c for c in chunks if c.index not in done]

@@ -1,16 +1,21 @@
-"""Streaming the latent Parquet into Ray Train with a deterministic, resumable order.
+"""The DiT job's training data: the latent reader and, until the loop moves to it, the previous
+Ray Data path.
 
-Each worker gets its own fixed set of shard files (balanced by row count) as a Ray Dataset named
-``train_<rank>``, read through ``ray.train.get_dataset_shard``. Files are read in order and
-shuffled through a seeded local buffer, so a worker's batch sequence is a function of
-(seed, epoch, rank): a restarted or resubmitted run skips the batches it already consumed and sees
-exactly the same data afterwards. Ray's dynamic ``streaming_split`` cannot promise that.
-Every worker runs ``steps_per_epoch`` steps, the minimum over workers, so DDP never hangs on an
-uneven last batch.
+``LatentReader`` (``svg_ray.training.latent_reader``, re-exported here) is the reader to use: a
+per-worker pyarrow reader whose order is a function of (seed, epoch, rank, world) over the
+shards' row groups (``svg_ray.data.order``), mixing the whole dataset every epoch, resuming at
+any step by seeking to the window that holds it, and reading one latent column per sample::
 
-When a worker's files fit in memory (``cache_mb``), it reads them once and every epoch is a
-seeded full permutation of those rows: small datasets (the demo, fine-tuning sets) would otherwise
-pay Ray Data's per-epoch start-up on every few dozen steps and leave the workers waiting.
+    index = index_shards(manifest, root)            # footers only (driver or worker)
+    reader = LatentReader(index, manifest, rank=rank, world=world, batch_size=per_worker,
+                          seed=cfg.seed, use_flip=cfg.use_flip, cache_mb=cfg.cache_mb)
+    for batch in reader.epoch(epoch, start_step=step_in_epoch):   # LatentBatch
+        z, y = batch.to(device)                     # fp16 -> fp32 on the device
+    checkpoint["data_position"] = reader.position(epoch, step_in_epoch)
+
+The functions below are the previous path (each rank's fixed set of files as a Ray Dataset
+``train_<rank>``, a local shuffle buffer, replay on resume); ``assign_files`` and
+``shard_rows`` also serve the autoencoder job's image planner.
 """
 
 from __future__ import annotations
@@ -27,6 +32,34 @@ from svg_ray import storage
 from svg_ray.config import ConfigError
 from svg_ray.data import schema
 from svg_ray.data.manifest import DatasetManifest, latents_to_torch
+from svg_ray.training.latent_reader import (
+    LatentBatch,
+    LatentReader,
+    ShardIndex,
+    index_shards,
+    order_warning,
+    read_footer,
+    read_row_group,
+)
+
+__all__ = [
+    "DataPlan",
+    "LatentBatch",
+    "LatentReader",
+    "ShardIndex",
+    "assign_files",
+    "batch_to_tensors",
+    "fits_in_memory",
+    "index_shards",
+    "order_warning",
+    "permuted_batches",
+    "plan",
+    "rank_datasets",
+    "read_all",
+    "read_footer",
+    "read_row_group",
+    "shard_rows",
+]
 
 
 def shard_rows(uris: list[str]) -> list[int]:
