@@ -237,7 +237,6 @@ def _train_diffusion(cfg: DemoConfig, data: str, runs: Path, p: _Progress) -> St
         global_batch=cfg.dit_batch,
         lr=cfg.dit_lr,
         ema_decay=cfg.ema_decay,
-        shuffle_buffer=1024,
         seed=cfg.seed,
         log_every=100,
         checkpoint_every=max(250, cfg.dit_steps // 3),

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from latent_data import make_latent_dataset
@@ -38,7 +37,7 @@ def local_data(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _cfg(data: str, **kw: Any) -> DiffusionTrainConfig:
     base: dict[str, Any] = dict(
         data=data, model="debug", steps=12, global_batch=32, lr=3e-3, log_every=3,
-        checkpoint_every=4, sample_steps=2, shuffle_buffer=64,
+        checkpoint_every=4, sample_steps=2,
     )  # fmt: skip
     base.update(kw)
     return DiffusionTrainConfig(**base)
@@ -113,19 +112,23 @@ def test_trains_on_s3_latents_with_mlflow_and_registry(
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.parametrize("cache_mb", [1024, 0], ids=["in-memory", "streamed"])
 def test_resubmission_resumes_to_the_same_weights(
-    ray_session: None, local_data: str, tmp_path: Path
+    ray_session: None, local_data: str, tmp_path: Path, cache_mb: int
 ) -> None:
+    # 8 steps per epoch: the resubmission resumes at step 4, mid-epoch (streamed: the reader
+    # seeks to the window holding batch 4 instead of replaying batches 0-3).
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = str(tmp_path / "runs")
-    launch(_cfg(local_data, steps=12), _run("straight", store, tracking))
-    first = launch(_cfg(local_data, steps=4), _run("resumed", store, tracking))
+    launch(_cfg(local_data, steps=12, cache_mb=cache_mb), _run("straight", store, tracking))
+    first = launch(_cfg(local_data, steps=4, cache_mb=cache_mb), _run("resumed", store, tracking))
     assert first.metrics["step"] == 4
-    second = launch(_cfg(local_data, steps=12), _run("resumed", store, tracking))
+    second = launch(_cfg(local_data, steps=12, cache_mb=cache_mb), _run("resumed", store, tracking))
     assert second.resumed and second.metrics["step"] == 12
     a = _final_state(f"{store}/straight")
     b = _final_state(f"{store}/resumed")
     assert a["step"] == b["step"] == 12
+    assert a["data_position"] == b["data_position"]
     for k, v in a["model"].items():
         assert torch.allclose(v, b["model"][k], atol=1e-5), k
     for k, v in a["ema"].items():
@@ -214,22 +217,3 @@ def test_latent_shape_must_match_the_autoencoder(local_data: str, tmp_path: Path
     make_latent_dataset(str(tmp_path / "data"), str(other), rows=32, shards=1)
     with pytest.raises(ConfigError, match=r"produces \(196, 4, 4\)"):
         launch(_cfg(str(tmp_path / "data")), _run("shape", str(tmp_path / "r"), "sqlite:///x.db"))
-
-
-def test_in_memory_epochs_are_seeded_permutations() -> None:
-    from svg_ray.training import data as tdata
-
-    rows = {"label": np.arange(10), "latent": np.arange(10) * 10}
-    a = list(tdata.permuted_batches(rows, 3, seed=7))
-    b = list(tdata.permuted_batches(rows, 3, seed=7))
-    c = list(tdata.permuted_batches(rows, 3, seed=8))
-    assert len(a) == 3  # full batches only: 10 // 3
-    seen = np.concatenate([x["label"] for x in a])
-    assert len(set(seen.tolist())) == 9  # without replacement within an epoch
-    assert all((x["latent"] == x["label"] * 10).all() for x in a)  # columns stay aligned
-    assert all((x["label"] == y["label"]).all() for x, y in zip(a, b, strict=True))
-    assert any((x["label"] != y["label"]).any() for x, y in zip(a, c, strict=True))
-    plan = tdata.DataPlan(files=[["a"], ["b"]], rows=[1000, 900], steps_per_epoch=1)
-    assert tdata.fits_in_memory(plan, bytes_per_row=1024, cache_mb=1)
-    assert not tdata.fits_in_memory(plan, bytes_per_row=2048, cache_mb=1)
-    assert not tdata.fits_in_memory(plan, bytes_per_row=1, cache_mb=0)

@@ -15,13 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from svg_ray import storage
 from svg_ray.config import require, to_dict
-from svg_ray.data import schema
 from svg_ray.data.manifest import DatasetManifest, load_manifest
 from svg_ray.flow.loss import FlowLoss
 from svg_ray.flow.samplers import SamplerConfig
@@ -29,7 +27,7 @@ from svg_ray.generate import image_grid, latents_to_tokens, to_uint8
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
 from svg_ray.models.ema import EMA
 from svg_ray.training import data as tdata
-from svg_ray.training.common import RunSettings, TrainConfig, epoch_seed, step_seed
+from svg_ray.training.common import RunSettings, TrainConfig
 from svg_ray.training.trainer import (
     JobPlan,
     RunContext,
@@ -63,11 +61,12 @@ class DiffusionTrainConfig(TrainConfig):
     """Training time shift s in t = f_s(u)."""
     use_flip: bool = True
     """Use precomputed horizontally flipped latents for half the samples, when present."""
-    shuffle_buffer: int = 2048
-    """Rows in each worker's seeded local shuffle buffer (when streaming)."""
+    shuffle_rows: int = 0
+    """Streaming: rows shuffled together on a worker, read from row groups of several shards
+    (0: one shard's rows); a resume re-reads at most this many rows."""
     cache_mb: int = 1024
-    """Workers whose shards fit in this many MiB read them once and draw each epoch as a seeded
-    permutation in memory; larger datasets stream from storage every epoch (0: always stream)."""
+    """A dataset that fits in this many MiB is read once by each worker and every epoch is a
+    seeded permutation of all its rows; larger datasets stream every epoch (0: always stream)."""
     sample_every: int = 0
     """Log a sample grid to MLflow every N steps (0: only at the end)."""
     sample_steps: int = 25
@@ -81,6 +80,8 @@ class DiffusionTrainConfig(TrainConfig):
         require(self.model in DIT_SIZES, f"train.model must be one of {sorted(DIT_SIZES)}")
         require(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
         require(self.sample_every >= 0, "train.sample_every must be >= 0")
+        require(self.shuffle_rows >= 0, "train.shuffle_rows must be >= 0")
+        require(self.cache_mb >= 0, "train.cache_mb must be >= 0")
 
 
 @dataclass
@@ -92,8 +93,6 @@ class DiffusionSpec:
     manifest: dict[str, Any]
     """The dataset's manifest (``DatasetManifest.to_dict``)."""
     steps_per_epoch: int
-    cached: bool
-    """Whether each worker holds its shards in memory (else streams them every epoch)."""
     run: RunContext | None = None
 
 
@@ -137,18 +136,37 @@ def validate(cfg: DiffusionTrainConfig, run: RunSettings) -> tuple[DatasetManife
     return manifest, dcfg
 
 
+def reader(
+    cfg: DiffusionTrainConfig,
+    manifest: DatasetManifest,
+    index: tdata.ShardIndex,
+    rank: int,
+    world: int,
+) -> tdata.LatentReader:
+    """This job's latent reader for one rank (the driver makes rank 0's to plan the epochs)."""
+    return tdata.LatentReader(
+        index,
+        manifest,
+        rank=rank,
+        world=world,
+        batch_size=cfg.per_worker_batch(world),
+        seed=cfg.seed,
+        use_flip=cfg.use_flip,
+        cache_mb=cfg.cache_mb,
+        window_rows=cfg.shuffle_rows,
+    )
+
+
 def plan(cfg: DiffusionTrainConfig, run: RunSettings) -> JobPlan:
     """Validate and plan the data: the job as the shared driver runs it."""
     manifest, dcfg = validate(cfg, run)
-    per_worker = cfg.per_worker_batch(run.num_workers)
-    data_plan = tdata.plan(manifest, cfg.data, run.num_workers, per_worker)
-    cached = tdata.fits_in_memory(data_plan, manifest.bytes_per_row, cfg.cache_mb)
-    columns = [schema.COL_LABEL, schema.COL_LATENT]
-    if cfg.use_flip and manifest.has_flip:
-        columns.append(schema.COL_LATENT_FLIP)
+    # The shard footers, read once here and shipped to every worker.
+    index = tdata.index_shards(manifest, cfg.data)
+    with reader(cfg, manifest, index, 0, run.num_workers) as probe:
+        steps, in_memory = probe.steps_per_epoch, probe.in_memory
     return JobPlan(
         task=DiffusionTask,
-        spec=DiffusionSpec(cfg, dcfg, manifest.to_dict(), data_plan.steps_per_epoch, cached),
+        spec=DiffusionSpec(cfg, dcfg, manifest.to_dict(), steps),
         params={
             "train": to_dict(cfg),
             "run": to_dict(run),
@@ -157,10 +175,10 @@ def plan(cfg: DiffusionTrainConfig, run: RunSettings) -> JobPlan:
         },
         output=storage.join(run.run_uri, BUNDLE_DIR),
         describe=(
-            f"{data_plan.steps_per_epoch} steps/epoch on {run.num_workers} worker(s), rows per "
-            f"worker {data_plan.rows}{' (held in memory)' if cached else ' (streamed)'}"
+            f"{steps} steps/epoch on {run.num_workers} worker(s), {manifest.num_rows} rows in "
+            f"{len(index.files)} shards{' (held in memory)' if in_memory else ' (streamed)'}"
         ),
-        datasets=lambda: tdata.rank_datasets(data_plan, columns),
+        shared={"index": index},
     )
 
 
@@ -237,7 +255,7 @@ class DiffusionTask(TrainTask):
         self.per_worker = self.cfg.per_worker_batch(ctx.world)
         self.parts = make_parts(self.cfg, spec.dit, ctx.device)
         self.parts.amp = ctx.amp
-        self._cache: dict[str, np.ndarray] | None = None
+        self.reader = reader(self.cfg, self.manifest, ctx.shared["index"], ctx.rank, ctx.world)
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, EMA, optimiser and the settings that produced them."""
@@ -256,42 +274,22 @@ class DiffusionTask(TrainTask):
         self.parts.opt.load_state_dict(state["opt"])
 
     def prepare(self) -> None:
-        """DDP wrapper and this rank's dataset shard."""
-        import ray.train
+        """The DDP wrapper."""
         import ray.train.torch
 
         if self.ctx.world > 1:
             self.parts.forward = ray.train.torch.prepare_model(self.parts.model)
-        self.shard = ray.train.get_dataset_shard(f"train_{self.ctx.rank}")
-
-    def _epoch_rows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        seed = epoch_seed(self.cfg.seed, epoch, self.ctx.rank)
-        if self.spec.cached:
-            if self._cache is None:
-                self._cache = tdata.read_all(self.shard)
-            return tdata.permuted_batches(self._cache, self.per_worker, seed)
-        return iter(
-            self.shard.iter_batches(
-                batch_size=self.per_worker,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=self.cfg.shuffle_buffer,
-                local_shuffle_seed=seed,
-            )
-        )
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised token batches (B, T, C) and labels, from batch ``start`` of ``epoch``."""
-        rows = self._epoch_rows(epoch)
-        for _ in range(start):  # consumed before the checkpoint
-            next(rows)
-        for i, batch in enumerate(rows, start):
-            # The flip pick is seeded by the step that trains on the batch (epochs are equal).
-            step = epoch * self.steps_per_epoch + i
-            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.ctx.rank) + 1)
-            z, y = tdata.batch_to_tensors(batch, self.manifest.dtype, self.cfg.use_flip, g)
-            x = latents_to_tokens(self.manifest.latent_stats.normalize(z))  # (B, T, C)
-            yield x.to(self.ctx.device), y.to(self.ctx.device)
+        stats = self.manifest.latent_stats
+        for batch in self.reader.epoch(epoch, start):
+            z, y = batch.to(self.ctx.device)  # fp16 -> fp32 on the device: half the copy
+            yield latents_to_tokens(stats.normalize(z)), y  # (B, T, C), (B,)
+
+    def position(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        """Where the reader stands (shard, row group, row) at this point of the epoch."""
+        return self.reader.position(epoch, step_in_epoch)
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, Any]:
         """One ``diffusion_step``."""

@@ -106,6 +106,9 @@ class JobPlan:
     """What the start line tells about the data and workers."""
     datasets: Callable[[], dict[str, Any]] = dict
     """Builds the Ray Datasets handed to the workers (called once Ray is up)."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Plan artefacts every worker needs that are data, not settings (e.g. the shard index):
+    pickled to the workers as they are, beside the typed spec."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra MLflow run tags."""
 
@@ -124,6 +127,8 @@ class WorkerContext:
     device: torch.device
     amp: torch.dtype | None
     """Autocast dtype (None: no autocast)."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """The job plan's ``shared`` artefacts."""
 
 
 class TrainTask(ABC):
@@ -163,6 +168,10 @@ class TrainTask(ABC):
     @abstractmethod
     def step(self, batch: Any, step: int) -> dict[str, Any]:
         """One optimisation step; the returned logs are averaged over ranks when logged."""
+
+    def position(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        """Where this rank's data stands (recorded in checkpoints; resume recomputes it)."""
+        return {"epoch": epoch, "step": step_in_epoch}
 
     def counters(self) -> dict[str, float]:
         """Counts summed over ranks when logging (e.g. skipped inputs this epoch)."""
@@ -229,6 +238,7 @@ class Trainer:
             "step": self.pos.step,
             "epoch": self.pos.epoch,
             "step_in_epoch": self.pos.step_in_epoch,
+            "data_position": self.task.position(self.pos.epoch, self.pos.step_in_epoch),
             "seed": self.cfg.seed,
             "mlflow_run_id": self.task.run.run_id,
         }
@@ -331,7 +341,9 @@ def train_worker(config: dict[str, Any]) -> None:
     spec: Any = from_dict(task_cls.spec_type, config["spec"], config["kind"])
     ctx = ray.train.get_context()
     device, amp = device_and_precision(spec.train.precision)
-    wctx = WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device, amp)
+    wctx = WorkerContext(
+        ctx.get_world_rank(), ctx.get_world_size(), device, amp, config.get("shared", {})
+    )
     Trainer(task_cls(spec, wctx), wctx).train()
 
 
@@ -404,7 +416,12 @@ def launch(plan: JobPlan, run: RunSettings) -> RunResult:
 def _fit(plan: JobPlan, run: RunSettings, context: RunContext) -> Any:
     """Run the workers; a failure beyond ``max_failures`` becomes one ``TrainingFailedError``."""
     spec = {**to_dict(plan.spec), "run": to_dict(context)}
-    config = {"kind": plan.task.kind, "module": plan.task.__module__, "spec": spec}
+    config = {
+        "kind": plan.task.kind,
+        "module": plan.task.__module__,
+        "spec": spec,
+        "shared": plan.shared,
+    }
     try:
         result = fit(train_worker, config, run, plan.datasets())
         error = result.error
