@@ -81,9 +81,9 @@ def faulty(s3: S3Server, ray_session: None) -> Iterator[FaultProxy]:
 
 @pytest.fixture(scope="module")
 def folder(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
-    """40 digits in class folders plus two corrupt files, uploaded straight to the server."""
+    """24 digits in class folders plus two corrupt files, uploaded straight to the server."""
     root = tmp_path_factory.mktemp("digits")
-    write_image_folder(root, 64, limit=40)
+    write_image_folder(root, 64, limit=24)
     png = next((root / "3").glob("*.png")).read_bytes()
     (root / "3" / "truncated.png").write_bytes(png[:60])
     (root / "7" / "notes.txt").write_text("not an image")
@@ -125,14 +125,14 @@ def test_precompute_keeps_every_decodable_input_under_faults(
 ) -> None:
     uri, ids = folder
     good = [i for i in ids if i not in BAD]
-    hit = [f"faults/in/{i}" for i in good[::5]]  # 8 objects, two of each fault kind
+    hit = [f"faults/in/{i}" for i in good[::3]]  # 8 objects, two of each fault kind
     out = s3.uri("faults/latents")
     faulty.set_rules(
         *_burst_rules(hit, s3.bucket),
         Rule("drop", key="chunks/chunk-000001.json", method="PUT", times=4),
     )
     cfg = PrecomputeConfig(
-        input=uri, out=out, autoencoder=ae_path, rows_per_shard=8, batch_size=16, decoders=1
+        input=uri, out=out, autoencoder=ae_path, rows_per_shard=13, batch_size=16, decoders=1
     )
     result = run_precompute(cfg)
     m = load_manifest(out)
@@ -163,7 +163,7 @@ def test_precompute_stops_with_one_line_when_a_fault_never_stops(
     victim = f"faults/in/{ids[11]}"
     out = s3.uri("faults/never")
     faulty.set_rules(Rule("slowdown", key=f"/{victim}$", method="GET", times=-1))
-    args = ["--input", uri, "--out", out, "--autoencoder", ae_path, "--rows-per-shard", "8"]
+    args = ["--input", uri, "--out", out, "--autoencoder", ae_path, "--rows-per-shard", "13"]
     assert cli_main(["precompute", *args, "--decoders", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err, err[-2000:]
@@ -180,7 +180,7 @@ def test_autoencoder_reader_flags_only_corrupt_files_under_faults(
 ) -> None:
     uri, ids = folder
     good = [i for i in ids if i not in BAD]
-    hit = [f"faults/in/{i}" for i in good[2::5]]
+    hit = [f"faults/in/{i}" for i in good[2::3]]
     src = ImageInput(uri, resolution=32)
     faulty.set_rules()
     plan = plan_images(src, seed=0, world=2, per_worker=4)
@@ -243,7 +243,7 @@ def test_evaluation_reads_every_image_under_faults(
         client.copy_object(
             Bucket=s3.bucket, Key=f"faults/eval/{i}", CopySource=f"{s3.bucket}/faults/in/{i}"
         )
-    hit = [f"faults/eval/{i}" for i in good[1::5]]
+    hit = [f"faults/eval/{i}" for i in good[1::3]]
     faulty.set_rules(*_burst_rules(hit, s3.bucket))
     common = ["--autoencoder", ae_path, "--data", s3.uri("faults/eval"), "--chunk-size", "16"]
     common += ["--out", str(tmp_path / "eval"), "--no-mlflow", "--test-fraction", "0.25"]

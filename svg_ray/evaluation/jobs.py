@@ -267,7 +267,7 @@ def _reference_is_npz(uri: str) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = storage.filesystem(uri)
-    info = fs.get_file_info(path)
+    info = storage.retrying(fs.get_file_info, path, what=uri)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"--reference: not found: {uri}")
     if info.type == pafs.FileType.File and not uri.endswith((".npz", ".parquet")):
