@@ -23,7 +23,8 @@ import typing
 from typing import Any, get_args, get_origin, get_type_hints
 
 from svg_ray.config import ConfigError, from_dict
-from svg_ray.data.precompute import PrecomputeConfig, PrecomputeError, run_precompute
+from svg_ray.data.precompute import PrecomputeConfig, run_precompute
+from svg_ray.errors import SvgRayError
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -88,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    from svg_ray.checkpoint import CheckpointError
-    from svg_ray.data.manifest import ManifestError
-
     started = False  # shut down only a cluster this call started, never a caller's
 
     def connect() -> None:
@@ -105,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # A cluster we joined may autoscale; the local one we start cannot.
         result = run_precompute(cfg, connect, cluster_can_grow=bool(args.ray_address))
-    except (PrecomputeError, ConfigError, CheckpointError, ManifestError) as e:
+    except SvgRayError as e:  # storage errors too: one line under `python -m` as well
         print(f"svg-ray precompute: error: {e}", file=sys.stderr)
         return 2
     finally:
