@@ -1,9 +1,9 @@
 """Pretrained assets from a local path or an object-store URI, never from a hub.
 
 Every asset is named by an option (``--dino-weights``, ...); a missing one is an error that names
-that option. ``s3://`` URIs are fetched once into a local cache through boto3, which reads the
-standard AWS settings (``AWS_ENDPOINT_URL``, credentials from the environment or an instance
-profile); keys never live in config files.
+that option. ``s3://`` URIs are fetched once into a local cache through boto3, configured by
+``storage.s3_settings`` exactly like the pyarrow filesystem (endpoint, region, addressing,
+retries); credentials come from the environment or an instance profile, never config files.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from svg_ray import storage
 from svg_ray.errors import SvgRayError
 
 
@@ -49,16 +50,8 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client configured from the standard AWS environment (path-style addressing)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
-    )
+    """The process's boto3 S3 client (the same settings as storage's pyarrow filesystem)."""
+    return storage.s3_client()
 
 
 def resolve_asset(uri: str | None, option: str, sha256: str | None = None) -> Path:
@@ -78,10 +71,11 @@ def resolve_asset(uri: str | None, option: str, sha256: str | None = None) -> Pa
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = local.with_suffix(local.suffix + f".part{os.getpid()}")
             try:
-                s3_client().download_file(bucket, key, str(tmp))
+                storage.retrying(s3_client().download_file, bucket, key, str(tmp), what=uri)
             except Exception as e:  # botocore raises many types; report them all the same way
                 tmp.unlink(missing_ok=True)
-                raise AssetError(f"{option}: could not download {uri}: {e}") from e
+                why = e if isinstance(e, storage.StorageError) else storage.storage_error(e, uri)
+                raise AssetError(f"{option}: could not download {why}") from e
             os.replace(tmp, local)
         path = local
     else:

@@ -131,7 +131,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     # Own session = own process group, so teardown kills exactly this server and its children.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    saved = {k: os.environ.get(k) for k in AWS_ENV_KEYS}
     try:
         os.environ.update(
             {
@@ -155,7 +155,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 os.environ[k] = v
 
 
-_ENV_KEYS = (
+AWS_ENV_KEYS = (
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -203,7 +203,7 @@ def s3_ray(s3: S3Server, ray_session: None) -> Iterator[S3Server]:
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={"env_vars": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}},
+            runtime_env={"env_vars": {k: os.environ[k] for k in AWS_ENV_KEYS if k in os.environ}},
         )
     assert _workers_see_endpoint(s3.endpoint), "Ray workers do not see AWS_ENDPOINT_URL"
     yield s3

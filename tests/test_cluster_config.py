@@ -2,7 +2,8 @@
 
 - launcher YAMLs (`ray up`, the fake local provider): `prepare_config` + `validate_config` from
   ray.autoscaler (offline), then node-type rules (GPU types scale to zero with explicit resources,
-  no GPU on the head, pinned images and installs, instance profiles, token auth);
+  no GPU on the head, every node on the project image with nothing installed at boot, instance
+  profiles, token auth);
 - cluster/runtime_env.yaml: parsed the way `ray job submit --runtime-env` parses it, validated by
   `ray.runtime_env.RuntimeEnv`, and packaged with Ray's own working-dir zipper to show the
   excludes alone keep data, weights, environments and caches out of the upload;
@@ -41,6 +42,11 @@ PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
 # rayproject/ray:<ray version>-py3XX-<cpu|gpu|cuXXX>
 RAY_IMAGE = re.compile(
     r"^rayproject/ray:(?P<ray>[0-9.]+)-(?P<py>py3\d+)-(?P<platform>cpu|gpu|cu\d+)$"
+)
+# <registry>/svg-ray:<svg-ray version>-ray<ray version>-py3XX-<cpu|gpu> (cluster/Dockerfile)
+PROJECT_IMAGE = re.compile(
+    r"^[a-z0-9.-]+(:[0-9]+)?/svg-ray:(?P<version>[0-9.]+)-ray(?P<ray>[0-9.]+)-(?P<py>py3\d+)"
+    r"-(?P<platform>cpu|gpu)$"
 )
 GPU_INSTANCE = re.compile(
     r"^(g\d+[a-z]*|p\d+[a-z]*)\."
@@ -121,44 +127,62 @@ def test_aws_head_schedules_nothing() -> None:
     assert "ray start --head" in start and "--num-cpus=0" in start
 
 
-def test_aws_images_match_installed_ray() -> None:
-    """Every image is rayproject/ray at the installed Ray version and this Python."""
-    config = _load(CLUSTER / "aws.yaml")
+def _project_version() -> str:
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    return str(version)
+
+
+def _aws_images(config: dict[str, Any]) -> list[str]:
     docker = config["docker"]
     images = [docker["image"], docker.get("head_image"), docker.get("worker_image")]
     images += [
-        t.get("docker", {}).get("worker_image") for t in config["available_node_types"].values()
+        t.get("docker", {}).get(k)
+        for t in config["available_node_types"].values()
+        for k in ("image", "worker_image", "head_image")
     ]
-    images = [i for i in images if i]
-    assert images
-    for image in images:
-        m = RAY_IMAGE.match(image)
-        assert m, f"{image}: expected rayproject/ray:<version>-py3XX-<cpu|gpu|cuXXX>"
-        assert m["ray"] == ray.__version__, (
-            f"{image}: Ray {m['ray']} != installed {ray.__version__}"
-        )
-        assert m["py"] == PY_TAG, f"{image}: constraints.txt was resolved for {PY_TAG}"
-    assert RAY_IMAGE.match(docker["image"])["platform"] != "cpu", "GPU workers need a GPU image"  # type: ignore[index]
+    return [i for i in images if i]
 
 
-def test_aws_installs_the_project_pinned() -> None:
-    """This checkout is mounted and pip-installed with constraints.txt; no unpinned installs."""
+def test_aws_nodes_run_the_project_image() -> None:
+    """Every node runs the image cluster/Dockerfile builds, tagged with this svg-ray, Ray and
+    Python; the head and CPU types do not swap in a bare Ray image that lacks the project."""
     config = _load(CLUSTER / "aws.yaml")
-    mounts = {remote: local for remote, local in config["file_mounts"].items()}
-    repo_mount = [remote for remote, local in mounts.items() if local in {".", "./"}]
-    assert len(repo_mount) == 1, "mount the repository root (ray up runs from it)"
-    target = repo_mount[0]
-    installs = [c for c in config["setup_commands"] if "pip install" in c]
-    assert any(
-        f"-c {target}/constraints.txt" in c and c.rstrip().endswith(target) for c in installs
-    )
+    images = _aws_images(config)
+    assert images == [config["docker"]["image"]], f"one image for every node type: {images}"
+    m = PROJECT_IMAGE.match(images[0])
+    assert m, f"{images[0]}: expected <registry>/svg-ray:<version>-ray<ray>-py3XX-gpu"
+    assert m["version"] == _project_version(), "tag the image with the svg-ray version"
+    assert m["ray"] == ray.__version__, f"{images[0]}: Ray {m['ray']} != {ray.__version__}"
+    assert m["py"] == PY_TAG and m["platform"] == "gpu", "GPU workers need a GPU image"
+    assert not RAY_IMAGE.match(images[0]), "a bare rayproject/ray image lacks svg-ray and torch"
+    # The tag documented in the Dockerfile (how to build it) is the one the cluster pulls.
+    built = re.findall(r"docker build -f cluster/Dockerfile -t \S+?/(svg-ray:\S+) \.",
+                       (CLUSTER / "Dockerfile").read_text())  # fmt: skip
+    assert built and all(images[0].endswith("/" + t) for t in built), built
+    assert config["docker"].get("pull_before_run") is True
+
+
+def test_aws_nodes_install_nothing() -> None:
+    """No node pip-installs anything (torch would take minutes per autoscaled GPU node), not even
+    through Ray's AWS defaults; the checkout is not mounted: code comes with each job."""
+    config = _load(CLUSTER / "aws.yaml")
     prepared = _prepared(CLUSTER / "aws.yaml")
-    for cmd in prepared["head_setup_commands"] + prepared["worker_setup_commands"]:
-        if "pip install" in cmd:
-            assert "constraints.txt" in cmd, f"unpinned install (Ray's AWS defaults?): {cmd}"
-    # rsync must not copy what the job upload leaves out either.
-    assert {".git", "/outputs", "/data"} <= set(config["rsync_exclude"])
-    assert any(p.startswith(".venv") for p in config["rsync_exclude"])
+    keys = ("setup_commands", "head_setup_commands", "worker_setup_commands")
+    for key in (*keys, "initialization_commands"):
+        for cmd in prepared.get(key, []):
+            assert not re.search(r"\b(pip|pip3|uv|conda|mamba)\b.*\binstall\b", cmd), (key, cmd)
+            assert "torch" not in cmd, (key, cmd)
+    for key in keys:
+        assert config[key] == [], f"{key}: the image has everything"
+    assert "." not in config["file_mounts"].values(), "the checkout is in the image, not mounted"
+    # The image is pulled with the node's instance profile (no registry password anywhere).
+    login = " ".join(config.get("initialization_commands", []))
+    registry = config["docker"]["image"].split("/", 1)[0]
+    assert (
+        "aws ecr get-login-password" in login and registry in login and "--password-stdin" in login
+    )
 
 
 def test_aws_instance_profiles_and_token_auth() -> None:

@@ -22,7 +22,6 @@ Ray's block splitting and coalescing do not preserve for per-image rows.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -42,8 +41,9 @@ import torch
 
 from svg_ray import storage
 from svg_ray.config import ConfigError, require
-from svg_ray.data import schema
-from svg_ray.data.images import DEFAULT_MAX_PIXELS, prepare_image, to_model_input
+from svg_ray.data import inputs, schema
+from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
+from svg_ray.data.inputs import DecodeChunk, InputPlan
 from svg_ray.data.manifest import (
     DatasetManifest,
     ShardLabelSummary,
@@ -160,142 +160,17 @@ class PrecomputeConfig:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class InputPlan:
-    """The sorted input list and everything derived from it."""
-
-    source_format: str
-    """'folder' or 'parquet'."""
-    ids: list[str]
-    """Unique image ids, in processing order."""
-    labels: list[int]
-    """Label index per id."""
-    sources: list[Any]
-    """Per id: a file URI (folder) or [parquet file URI, row] (parquet)."""
-    class_names: list[str]
-    """Label index -> class name."""
-
-    def fingerprint(self) -> str:
-        """sha256 of the (id, label) list: a changed input set changes the chunking."""
-        h = hashlib.sha256()
-        for i, y in zip(self.ids, self.labels, strict=True):
-            h.update(f"{i}\t{y}\n".encode())
-        return h.hexdigest()
-
-
-def _full_uri(root_uri: str, fs_path: str) -> str:
-    """A pyarrow filesystem path back to a URI of the same kind as ``root_uri``."""
-    return f"s3://{fs_path}" if storage.is_s3(root_uri) else fs_path
-
-
-def _list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """(fs, root path, sorted file paths below root) skipping hidden names; errors if missing."""
-    fs, root = storage.filesystem(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise PrecomputeError(f"input not found: {uri} (--input)")
-    if info.type == pafs.FileType.File:
-        return fs, root, [root]
-    files = []
-    for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = fi.path[len(root) :].lstrip("/")
-        if fi.type == pafs.FileType.File and not any(p.startswith(".") for p in rel.split("/")):
-            files.append(fi.path)
-    return fs, root, sorted(files)
-
-
-def detect_format(uri: str) -> str:
-    """'parquet' for a .parquet file or a folder holding only .parquet files, else 'folder'."""
-    _, _, files = _list_files(uri)
-    if files and all(f.endswith(".parquet") for f in files):
-        return "parquet"
-    return "folder"
-
-
-def plan_folder(uri: str) -> InputPlan:
-    """ImageNet-style tree <root>/<class>/.../<file>: ids are relative paths, classes sorted."""
-    _, root, files = _list_files(uri)
-    rel = [f[len(root) :].lstrip("/") for f in files]
-    keep = [(r, f) for r, f in zip(rel, files, strict=True) if "/" in r]
-    if len(keep) < len(rel):
-        n_loose = len(rel) - len(keep)
-        log.warning("ignoring %d file(s) directly under %s (not in a class folder)", n_loose, uri)
-    if not keep:
-        raise PrecomputeError(
-            f"no images found under {uri}: expected <root>/<class_name>/<image files> (--input)"
-        )
-    class_names = sorted({r.split("/", 1)[0] for r, _ in keep})
-    index = {c: i for i, c in enumerate(class_names)}
-    return InputPlan(
-        source_format="folder",
-        ids=[r for r, _ in keep],
-        labels=[index[r.split("/", 1)[0]] for r, _ in keep],
-        sources=[_full_uri(uri, f) for _, f in keep],
-        class_names=class_names,
-    )
-
-
-def plan_parquet(uri: str, image_column: str, label_column: str, id_column: str) -> InputPlan:
-    """Parquet rows of encoded images: read labels (and ids) only, never the image bytes."""
-    fs, root, files = _list_files(uri)
-    files = [f for f in files if f.endswith(".parquet")]
-    if not files:
-        raise PrecomputeError(f"no .parquet files under {uri} (--input)")
-    ids: list[str] = []
-    raw_labels: list[Any] = []
-    sources: list[Any] = []
-    for path in files:
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            need = [image_column, label_column] + ([id_column] if id_column else [])
-            missing = [c for c in need if c not in names]
-            if missing:
-                raise PrecomputeError(
-                    f"parquet input {_full_uri(uri, path)} lacks column(s) {missing} "
-                    f"(has {names}); set --image-column/--label-column/--id-column"
-                )
-            cols = [label_column] + ([id_column] if id_column else [])
-            table = pf.read(columns=cols)
-        labels = table.column(label_column).to_pylist()
-        if any(y is None for y in labels):
-            raise PrecomputeError(f"{_full_uri(uri, path)}: column {label_column!r} has nulls")
-        rel = path[len(root) :].lstrip("/") or os.path.basename(path)
-        file_ids = (
-            [str(v) for v in table.column(id_column).to_pylist()]
-            if id_column
-            else [f"{rel}:{r}" for r in range(table.num_rows)]
-        )
-        ids += file_ids
-        raw_labels += labels
-        sources += [[_full_uri(uri, path), r] for r in range(table.num_rows)]
-    if len(set(ids)) != len(ids):
-        raise PrecomputeError(f"ids in {uri} are not unique (--id-column {id_column!r})")
-    if all(isinstance(y, str) for y in raw_labels):
-        class_names = sorted(set(raw_labels))
-        index = {c: i for i, c in enumerate(class_names)}
-        labels_int = [index[y] for y in raw_labels]
-    elif all(isinstance(y, int) and not isinstance(y, bool) for y in raw_labels):
-        if min(raw_labels) < 0:
-            raise PrecomputeError(f"{uri}: negative labels in column {label_column!r}")
-        labels_int = [int(y) for y in raw_labels]
-        class_names = [str(i) for i in range(max(labels_int) + 1)]
-    else:
-        raise PrecomputeError(f"{uri}: column {label_column!r} must hold integers or strings")
-    return InputPlan("parquet", ids, labels_int, sources, class_names)
-
-
 def plan_inputs(cfg: PrecomputeConfig) -> InputPlan:
     """List and label the inputs in deterministic order (honouring ``limit``)."""
-    fmt = detect_format(cfg.input) if cfg.input_format == "auto" else cfg.input_format
-    if fmt == "parquet":
-        plan = plan_parquet(cfg.input, cfg.image_column, cfg.label_column, cfg.id_column)
-    else:
-        plan = plan_folder(cfg.input)
-    if cfg.limit:
-        n = cfg.limit
-        plan = InputPlan(fmt, plan.ids[:n], plan.labels[:n], plan.sources[:n], plan.class_names)
-    return plan
+    return inputs.plan_inputs(
+        cfg.input,
+        cfg.input_format,
+        cfg.image_column,
+        cfg.label_column,
+        cfg.id_column,
+        cfg.limit,
+        option="--input",
+    )
 
 
 @dataclass
@@ -378,109 +253,8 @@ def record_name(chunk: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _one(batch: dict[str, np.ndarray], key: str) -> Any:
-    """The single row's value of ``key`` (stages run with batch_size=1: one chunk per call)."""
-    col = batch[key]
-    if len(col) != 1:
-        raise ValueError(f"expected one chunk per batch, got {len(col)} (use batch_size=1)")
-    return col[0]
-
-
-def _read_parquet_images(
-    fs: pafs.FileSystem, path: str, rows: list[int], column: str
-) -> list[bytes | None]:
-    """Image bytes of ``rows`` of one Parquet file, reading only the row groups that hold them."""
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        md = pf.metadata
-        starts = [0]
-        for g in range(md.num_row_groups):
-            starts.append(starts[-1] + md.row_group(g).num_rows)
-        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
-        col = pf.read_row_groups(groups, columns=[column]).column(column).combine_chunks()
-    if pa.types.is_struct(col.type):  # Hugging Face datasets store {"bytes", "path"}
-        col = col.field("bytes")
-    values = col.to_pylist()
-    base: dict[int, int] = {}  # row group -> its first position in ``values``
-    for g in groups:
-        base[g] = sum(starts[x + 1] - starts[x] for x in base)
-    out = []
-    for r in rows:
-        g = bisect.bisect_right(starts, r) - 1
-        out.append(values[base[g] + r - starts[g]])
-    return out
-
-
-class DecodeChunk:
-    """Stage 1 (CPU): read a chunk's image bytes, decode, ADM-crop; bad files become reasons."""
-
-    def __init__(self, resolution: int, max_pixels: int, io_threads: int = 8) -> None:
-        """One storage client and I/O thread pool per actor, reused for every chunk."""
-        self.resolution = resolution
-        self.max_pixels = max_pixels
-        self.pool = ThreadPoolExecutor(io_threads)  # S3 GETs are latency-bound: overlap them
-        self._fs: dict[bool, pafs.FileSystem] = {}
-
-    def _filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
-        """(cached filesystem, path) for a source URI: creating an S3 client per file is slow."""
-        s3 = storage.is_s3(uri)
-        if s3 not in self._fs:
-            self._fs[s3] = storage.filesystem(uri)[0]
-        return self._fs[s3], (uri[len("s3://") :] if s3 else uri)
-
-    def _fetch(self, spec: dict[str, Any]) -> list[bytes | str | None]:
-        """Raw bytes per item, or a reason string when the file cannot be read."""
-        if spec["format"] == "parquet":
-            out: list[bytes | str | None] = [None] * len(spec["sources"])
-            by_file: dict[str, list[int]] = {}
-            for k, (uri, _) in enumerate(spec["sources"]):
-                by_file.setdefault(uri, []).append(k)
-            for uri, ks in by_file.items():
-                fs, path = self._filesystem(uri)
-                rows = [int(spec["sources"][k][1]) for k in ks]
-                values = _read_parquet_images(fs, path, rows, spec["image_column"])
-                for k, v in zip(ks, values, strict=True):
-                    out[k] = v if v is not None else "no image bytes (null)"
-            return out
-
-        def read(uri: str) -> bytes | str:
-            try:
-                fs, path = self._filesystem(uri)
-                with fs.open_input_stream(path) as f:
-                    return f.read()
-            except Exception as e:  # a vanished or unreadable file is one skipped input
-                return f"unreadable: {type(e).__name__}: {e}"
-
-        return list(self.pool.map(read, spec["sources"]))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One chunk spec -> one row: ok ids/labels, uint8 crops (n, R, R, 3), skipped list."""
-        spec = json.loads(_one(batch, "spec"))
-        t0 = time.perf_counter()
-        ids, labels, images, skipped = [], [], [], []
-        raw = self._fetch(spec)
-        for item_id, label, data in zip(spec["ids"], spec["labels"], raw, strict=True):
-            if isinstance(data, str):
-                res: np.ndarray | str = data
-            else:
-                res = prepare_image(data or b"", self.resolution, self.max_pixels)
-            if isinstance(res, str):
-                skipped.append([item_id, res])
-                continue
-            ids.append(item_id)
-            labels.append(label)
-            images.append(res)
-        r = self.resolution
-        stacked = np.stack(images) if images else np.zeros((0, r, r, 3), np.uint8)
-        return {
-            "chunk": np.array([spec["chunk"]], np.int64),
-            "expected": np.array([len(spec["ids"])], np.int64),
-            "ids": np.array([json.dumps(ids)]),
-            "labels": np.array(labels, np.int64)[None],
-            "images": stacked[None],
-            "skipped": np.array([json.dumps(skipped)]),
-            "decode_s": np.array([time.perf_counter() - t0]),
-        }
+_one = inputs.one
+"""The single row's value of ``key`` (stages run with batch_size=1: one chunk per call)."""
 
 
 class EncodeChunk:
@@ -796,7 +570,8 @@ def _run_chunks(cfg: PrecomputeConfig, specs: list[str], resolution: int) -> lis
         num_cpus=cfg.write_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.writers),
     )
-    return ds.take_all()
+    with storage.unwrap_storage_errors():  # storage that kept failing: one line, not a trace
+        return ds.take_all()
 
 
 def build_manifest(

@@ -18,16 +18,10 @@ import numpy as np
 from svg_ray import storage
 from svg_ray.checkpoint import AE_FORMAT, BUNDLE_FORMAT, CheckpointError, read_metadata
 from svg_ray.config import ConfigError, require, to_dict
+from svg_ray.data import inputs
 from svg_ray.data.images import DEFAULT_MAX_PIXELS
-from svg_ray.data.precompute import (
-    Chunk,
-    InputPlan,
-    PrecomputeError,
-    detect_format,
-    make_chunks,
-    plan_folder,
-    plan_parquet,
-)
+from svg_ray.data.inputs import InputPlan
+from svg_ray.data.precompute import Chunk, make_chunks
 from svg_ray.evaluation import stages
 from svg_ray.evaluation.config import (
     EvalRun,
@@ -101,30 +95,6 @@ class EvalResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _plan_unlabelled_parquet(uri: str, image_column: str, option: str) -> InputPlan:
-    """Parquet rows of encoded images without labels (every label 0): footers and schema only."""
-    import pyarrow.parquet as pq
-
-    files = [uri] if uri.endswith(".parquet") else storage.list_files(uri, ".parquet")
-    require(bool(files), f"{option}: no .parquet files under {uri}")
-    ids: list[str] = []
-    sources: list[Any] = []
-    for f in files:
-        fs, path = storage.filesystem(f)
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            names = pf.schema_arrow.names
-            rows = pf.metadata.num_rows
-        require(
-            image_column in names,
-            f"{option}: {f} has no column {image_column!r} (has {names}); set --image-column",
-        )
-        rel = f[len(uri) :].lstrip("/") or f.rsplit("/", 1)[-1]
-        ids += [f"{rel}:{r}" for r in range(rows)]
-        sources += [[f, r] for r in range(rows)]
-    return InputPlan("parquet", ids, [0] * len(ids), sources, ["all"])
-
-
 def plan_images(
     uri: str,
     input_format: str,
@@ -135,27 +105,7 @@ def plan_images(
 ) -> InputPlan:
     """Sorted list of the images under ``uri`` (first ``limit`` if set); labels from the class
     folders or ``label_column`` (None: unlabelled, every label 0)."""
-    if not storage.exists(uri):
-        raise ConfigError(f"{option}: not found: {uri}")
-    try:
-        fmt = detect_format(uri) if input_format == "auto" else input_format
-        if fmt == "parquet" and label_column is None:
-            plan = _plan_unlabelled_parquet(uri, image_column, option)
-        elif fmt == "parquet":
-            plan = plan_parquet(uri, image_column, label_column or "", "")
-        else:
-            plan = plan_folder(uri)
-    except PrecomputeError as e:  # the planner speaks of --input: name this job's option
-        raise ConfigError(f"{option}: {str(e).replace('(--input)', '').strip()}") from None
-    if limit:
-        plan = InputPlan(
-            plan.source_format,
-            plan.ids[:limit],
-            plan.labels[:limit],
-            plan.sources[:limit],
-            plan.class_names,
-        )
-    return plan
+    return inputs.plan_inputs(uri, input_format, image_column, label_column, "", limit, option)
 
 
 def autoencoder_file(uri: str) -> str:
@@ -216,7 +166,7 @@ def run_stage(
     """Rows of ``stage`` over ``specs`` (one chunk each), in chunk order.
 
     With ``decode_resolution`` the specs are image chunks decoded and centre-cropped first by
-    the precompute job's CPU stage.
+    the input layer's CPU stage.
     """
     import ray
 
@@ -248,7 +198,8 @@ def run_stage(
         compute=ray.data.ActorPoolStrategy(size=run.workers),
     )
     rows = ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
-    yield from stages.stream_in_order(rows, len(specs))
+    with storage.unwrap_storage_errors():  # storage that kept failing: one line, not a trace
+        yield from stages.stream_in_order(rows, len(specs))
 
 
 def image_chunk_specs(plans: list[InputPlan], image_column: str, chunk_size: int) -> list[str]:
@@ -300,7 +251,7 @@ def _reference_is_npz(uri: str) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = storage.filesystem(uri)
-    info = fs.get_file_info(path)
+    info = storage.retrying(fs.get_file_info, path, what=uri)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"--reference: not found: {uri}")
     if info.type == pafs.FileType.File and not uri.endswith((".npz", ".parquet")):

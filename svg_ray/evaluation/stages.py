@@ -3,7 +3,8 @@
 Each stage is a stateful callable class that loads its networks once per actor and maps a chunk
 row to a row of features (``dict[str, np.ndarray]`` with a leading axis of 1), so images are
 made and measured on the worker and only features travel to the driver. Real images come from
-the precompute job's ``DecodeChunk`` stage (ADM centre crop, unreadable files reported by name).
+the input layer's ``DecodeChunk`` stage (ADM centre crop, missing or undecodable files reported
+by name; storage errors that persist fail the task).
 ``stream_in_order`` hands the rows to the driver in chunk order, whatever order the workers
 finish in, so the float64 folds downstream give the same bits for any number of workers.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from svg_ray.data.images import to_model_input
-from svg_ray.data.precompute import DecodeChunk
+from svg_ray.data.inputs import DecodeChunk, one
 from svg_ray.evaluation.stats import ImageCountError
 
 __all__ = [
@@ -35,14 +36,6 @@ __all__ = [
 ]
 
 POOL_DIM = 2048
-
-
-def one(batch: dict[str, np.ndarray], key: str) -> Any:
-    """The value of ``key`` in a batch holding exactly one chunk row."""
-    col = batch[key]
-    if len(col) != 1:
-        raise ValueError(f"expected one chunk per batch, got {len(col)} (use batch_size=1)")
-    return col[0]
 
 
 def noise_seed(seed: int, index: int) -> int:

@@ -2,11 +2,13 @@
 
 Each rank reads its own fixed list of inputs as a Ray Dataset named ``train_<rank>`` (the same
 scheme as the latent reader in ``training/data.py``): a folder tree is dealt out file by file
-after a seeded permutation, Parquet files are balanced by row count. Ray Data CPU tasks read,
-decode and ADM-centre-crop (``svg_ray.data.images``); an input that cannot be read or decoded
-becomes a row flagged not-ok, which the training loop skips and counts, so one bad file never
-kills a job. ``epoch_batches`` cuts a rank's stream into exactly ``steps_per_epoch`` batches in an
-order that is a function of (seed, epoch, rank), so a resumed run replays the same batches.
+after a seeded permutation, Parquet files are balanced by row count. Planning, reading and the
+decode stage are the shared input layer (``svg_ray.data.inputs``): Ray Data CPU tasks read,
+decode and ADM-centre-crop; an input that is missing or cannot be decoded becomes a row flagged
+not-ok, which the training loop skips and counts, so one bad file never kills a job, while
+storage errors that persist past the retries fail the task instead of losing the image.
+``epoch_batches`` cuts a rank's stream into exactly ``steps_per_epoch`` batches in an order that
+is a function of (seed, epoch, rank), so a resumed run replays the same batches.
 
 This module stays light (no model code): every Ray Data decode worker imports it.
 """
@@ -17,7 +19,6 @@ import functools
 import itertools
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +26,25 @@ import numpy as np
 
 from svg_ray import storage
 from svg_ray.config import ConfigError, require
-from svg_ray.data import schema
-from svg_ray.data.images import DEFAULT_MAX_PIXELS, prepare_image
+from svg_ray.data import inputs, schema
+from svg_ray.data.images import DEFAULT_MAX_PIXELS
+from svg_ray.data.inputs import COL_OK, COL_REASON, decode_batch
 
-COL_OK = "ok"
-"""Decoded-row flag between the decode stage and the training loop (False: skipped input)."""
-COL_REASON = "reason"
-"""Why an input was skipped ('' when ok)."""
+__all__ = [
+    "COL_OK",
+    "COL_REASON",
+    "ImageInput",
+    "ImagePlan",
+    "SkipCounter",
+    "decode_batch",
+    "epoch_batches",
+    "plan_images",
+    "probe_decodable",
+    "rank_datasets",
+]
+
+OPTION = "--input"
+"""The autoencoder job's option naming its images (quoted in input errors)."""
 
 
 @dataclass
@@ -66,22 +79,17 @@ class ImagePlan:
 
 def plan_images(src: ImageInput, seed: int, world: int, per_worker: int) -> ImagePlan:
     """Per-rank input lists: folder trees split by file, Parquet files balanced by row count."""
-    from svg_ray.data.precompute import PrecomputeError, detect_format, plan_folder
-
     rng = np.random.default_rng(seed)
-    try:
-        fmt = detect_format(src.uri) if src.input_format == "auto" else src.input_format
-        if fmt == "folder":
-            # A seeded permutation dealt round-robin: every rank sees every class, and ranks
-            # differ in size by at most one image.
-            files = [str(u) for u in plan_folder(src.uri).sources]
-            files = [files[i] for i in rng.permutation(len(files))]
-            groups = [files[r::world] for r in range(world)]
-            rows = [len(g) for g in groups]
-        else:
-            groups, rows = _plan_parquet(src, world, rng)
-    except PrecomputeError as e:  # the precompute job's planner speaks of --input too
-        raise ConfigError(str(e)) from None
+    fmt = inputs.resolve_format(src.uri, src.input_format, OPTION)
+    if fmt == "folder":
+        # A seeded permutation dealt round-robin: every rank sees every class, and ranks
+        # differ in size by at most one image.
+        files = [str(u) for u in inputs.plan_folder(src.uri, OPTION).sources]
+        files = [files[i] for i in rng.permutation(len(files))]
+        groups = [files[r::world] for r in range(world)]
+        rows = [len(g) for g in groups]
+    else:
+        groups, rows = _plan_parquet(src, world, rng)
     steps = min(rows) // per_worker
     require(
         steps >= 1,
@@ -96,88 +104,15 @@ def _plan_parquet(
     src: ImageInput, world: int, rng: np.random.Generator
 ) -> tuple[list[list[str]], list[int]]:
     """Parquet files balanced over ranks by row count (footers only), each rank's order seeded."""
-    import pyarrow.parquet as pq
+    from svg_ray.training.data import assign_files
 
-    from svg_ray.training.data import assign_files, shard_rows
-
-    files = storage.list_files(src.uri, ".parquet") if storage.exists(src.uri) else []
-    if not files and src.uri.endswith(".parquet") and storage.exists(src.uri):
-        files = [src.uri]
-    require(bool(files), f"no .parquet files under {src.uri} (--input)")
-    fs, path = storage.filesystem(files[0])
-    with fs.open_input_file(path) as f:
-        names = pq.ParquetFile(f).schema_arrow.names
-    require(
-        src.image_column in names,
-        f"parquet input {files[0]} has no column {src.image_column!r} (has {names}); "
-        "set --image-column",
-    )
-    rows = shard_rows(files)
+    files = inputs.parquet_files(src.uri, OPTION)
+    footers = [inputs.parquet_footer(f) for f in files]
+    inputs.require_columns(files[0], footers[0], {src.image_column: "--image-column"}, OPTION)
+    rows = [md.num_rows for md in footers]
     index_groups = [[int(i) for i in rng.permutation(g)] for g in assign_files(rows, world)]
     per_rank = [sum(rows[i] for i in g) for g in index_groups]
     return [[files[i] for i in g] for g in index_groups], per_rank
-
-
-_FILESYSTEMS: dict[str, Any] = {}
-
-
-def _read(uri: str) -> bytes | str:
-    """A file's bytes, or why it could not be read."""
-    try:
-        if storage.is_s3(uri):
-            # One S3 client per process: creating one per file costs more than the GET.
-            if "s3" not in _FILESYSTEMS:
-                _FILESYSTEMS["s3"] = storage.s3_filesystem()
-            fs, path = _FILESYSTEMS["s3"], uri[len("s3://") :]
-        else:
-            fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path) as f:
-            return bytes(f.read())
-    except Exception as e:  # a vanished or unreadable file is one skipped input, not a crash
-        return f"unreadable: {type(e).__name__}: {e}"
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    source_format: str,
-    resolution: int,
-    max_pixels: int,
-    image_column: str,
-) -> dict[str, np.ndarray]:
-    """Ray Data stage: file paths (folder) or image bytes (Parquet) -> ADM crops + ok flags.
-
-    Returns image uint8 (n, R, R, 3) (zeros where not ok), ok bool (n,), path and reason strings.
-    """
-    paths = [str(p) for p in batch[schema.COL_PATH]]
-    raw: list[Any]
-    if source_format == "folder":
-        with ThreadPoolExecutor(8) as pool:  # S3 GETs are latency-bound: overlap them
-            raw = list(pool.map(_read, paths))
-    else:
-        # Hugging Face datasets store images as {"bytes": ..., "path": ...} structs.
-        raw = [v.get("bytes") if isinstance(v, dict) else v for v in batch[image_column]]
-    n = len(paths)
-    images = np.zeros((n, resolution, resolution, 3), np.uint8)
-    ok = np.zeros(n, bool)
-    reasons = [""] * n
-    for i, data in enumerate(raw):
-        if data is None:
-            res: np.ndarray | str = "no image bytes (null)"
-        elif isinstance(data, str):
-            res = data
-        else:
-            res = prepare_image(bytes(data), resolution, max_pixels)
-        if isinstance(res, str):
-            reasons[i] = res
-        else:
-            images[i] = res
-            ok[i] = True
-    return {
-        schema.COL_IMAGE: images,
-        COL_OK: ok,
-        schema.COL_PATH: np.array(paths, dtype=object),
-        COL_REASON: np.array(reasons, dtype=object),
-    }
 
 
 def rank_datasets(
@@ -201,7 +136,9 @@ def rank_datasets(
                 [{schema.COL_PATH: u} for u in files], override_num_blocks=blocks
             )
         else:
-            fs, _ = storage.filesystem(files[0])
+            # Read tasks retry throttled or dropped S3 reads for the whole budget, not only the
+            # SDK's few attempts.
+            fs, _ = storage.read_filesystem(files[0])
             paths = [storage.filesystem(u)[1] for u in files]
             ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
             # Projection is pushed down to the read: labels and other columns are never loaded.
@@ -214,16 +151,11 @@ def rank_datasets(
 
 def probe_decodable(src: ImageInput, plan: ImagePlan, n: int = 8) -> None:
     """Fail before any worker starts if none of the first few inputs decodes (wrong input)."""
-    import pyarrow.parquet as pq
-
     first = plan.files[0]
     if plan.source_format == "folder":
         batch = {schema.COL_PATH: np.array(first[:n], dtype=object)}
     else:
-        fs, path = storage.filesystem(first[0])
-        with fs.open_input_file(path) as f:
-            head = next(pq.ParquetFile(f).iter_batches(batch_size=n, columns=[src.image_column]))
-        raw = head.column(0).to_pylist()
+        raw = inputs.read_parquet_head(first[0], src.image_column, n)
         batch = {
             schema.COL_PATH: np.array([first[0]] * len(raw), dtype=object),
             src.image_column: np.array([*raw, None], dtype=object)[:-1],  # keep it 1-D
