@@ -55,6 +55,8 @@ from svg_ray import storage  # noqa: E402
 from svg_ray.data import schema  # noqa: E402
 from svg_ray.data.manifest import DatasetManifest, expected_classes, load_manifest  # noqa: E402
 from svg_ray.data.order import EpochOrder  # noqa: E402
+from svg_ray.testing.latents import write_precomputed  # noqa: E402
+from svg_ray.testing.s3server import seaweedfs  # noqa: E402
 from svg_ray.training.latent_reader import (  # noqa: E402
     LatentReader,
     ShardFile,
@@ -68,13 +70,6 @@ REAL_SHAPE = (392, 16, 16)  # SVG latent at 256 px: 384 DINO + 8 residual channe
 REAL_ROW_GROUP = 83  # rows per row group of full-size latents with flips (32 MB row groups)
 H100_LATENTS_PER_S = 620.0  # one H100's SVG-XL consumption at ~45% MFU
 TARGET_LATENTS_PER_S = 2 * H100_LATENTS_PER_S
-
-
-def _tests_module(name: str) -> Any:
-    """tests/latent_data.py writes datasets through the precompute job's own code."""
-    from benchmarks.train import _tests_module as load
-
-    return load(name)
 
 
 def _cpu_self() -> float:
@@ -197,7 +192,7 @@ def resume_reread(
 
 def order_part(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Part 1 and 2 on the two ImageNet-shaped small-latent datasets."""
-    write = _tests_module("latent_data").write_precomputed
+    write = write_precomputed
     labels = [c for c in range(a.classes) for _ in range(a.per_class)]
     out: dict[str, Any] = {"inputs": len(labels), "classes": a.classes, "shape": SMALL_SHAPE}
     datasets = {}
@@ -398,7 +393,7 @@ def profile(index: ShardIndex) -> dict[str, float]:
 
 def throughput_part(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Part 3: full-size latents, local and S3, the Ray Data baseline, the profile."""
-    write = _tests_module("latent_data").write_precomputed
+    write = write_precomputed
     rng = np.random.default_rng(0)
     labels = sorted(rng.integers(0, 1000, a.full_rows).tolist())
     local = str(work / "full")
@@ -429,9 +424,7 @@ def throughput_part(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["local"]["latents_per_s"] / out["ray_data_baseline"]["latents_per_s"]
         )
     if a.s3:
-        from benchmarks.train import seaweedfs
-
-        with seaweedfs(work / "s3") as s3:
+        with seaweedfs(work / "s3", "bench-data-order") as s3:
             root = f"s3://{s3.bucket}/full"
             t0 = time.perf_counter()
             storage.write_json(storage.join(root, schema.MANIFEST), m.to_dict())

@@ -1,56 +1,5 @@
-"""Stopping the servers tests start: by process group, never leaving anything running."""
+"""Process helpers for the tests (they live in ``svg_ray.testing.procs``)."""
 
-from __future__ import annotations
+from svg_ray.testing.procs import free_port, stop_process_group, wait_http
 
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
-from pathlib import Path
-
-
-def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:  # type: ignore[type-arg]
-    """SIGTERM the process group of ``proc`` (started with start_new_session=True); SIGKILL it
-    if it has not exited within ``timeout`` seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        proc.wait(timeout=10)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(
-    url: str,
-    proc: subprocess.Popen,  # type: ignore[type-arg]
-    deadline: float,
-    what: str,
-    log: Path,
-) -> None:
-    """Poll ``url`` until it answers 200; fail with the tail of ``log`` if ``proc`` exits or the
-    ``time.monotonic()`` deadline passes first."""
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up at {url}: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
+__all__ = ["free_port", "stop_process_group", "wait_http"]

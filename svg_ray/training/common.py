@@ -148,10 +148,9 @@ def fit(
 
     storage_kwargs: dict[str, Any] = {"storage_path": run.storage_uri}
     if storage.is_s3(run.storage_uri):
-        storage_kwargs = {
-            "storage_path": run.storage_uri[len("s3://") :],
-            "storage_filesystem": storage.s3_filesystem(),
-        }
+        # The bucket's own filesystem (its region, our retry strategy), not pyarrow's default.
+        fs, path = storage.filesystem(run.storage_uri)
+        storage_kwargs = {"storage_path": path, "storage_filesystem": fs}
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,

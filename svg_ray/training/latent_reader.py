@@ -105,7 +105,12 @@ def _path(uri: str) -> str:
 
 
 def read_footer(fs: pafs.FileSystem, uri: str) -> ShardFile:
-    """One shard's size and parsed footer (a HEAD and one small ranged GET on S3)."""
+    """One shard's size and parsed footer (a HEAD and one small ranged GET on S3); transient
+    storage errors are retried (``storage.retrying``), never turned into a missing shard."""
+    return storage.retrying(_read_footer, fs, uri, what=uri)
+
+
+def _read_footer(fs: pafs.FileSystem, uri: str) -> ShardFile:
     info = fs.get_file_info(_path(uri))
     if info.type != pafs.FileType.File:
         raise ManifestError(
@@ -162,7 +167,14 @@ def read_row_group(
     fs: pafs.FileSystem, shard: ShardFile, row_group: int, columns: list[str]
 ) -> pa.Table:
     """``columns`` of one row group of one shard, using the footer already in the index (one
-    ranged GET per column chunk on S3, coalesced where they touch; a page-cache map locally)."""
+    ranged GET per column chunk on S3, coalesced where they touch; a page-cache map locally).
+    Transient storage errors are retried (``storage.retrying``)."""
+    return storage.retrying(_read_row_group, fs, shard, row_group, columns, what=shard.uri)
+
+
+def _read_row_group(
+    fs: pafs.FileSystem, shard: ShardFile, row_group: int, columns: list[str]
+) -> pa.Table:
     path = _path(shard.uri)
     local = isinstance(fs, pafs.LocalFileSystem)
     with pa.memory_map(path) if local else fs.open_input_file(path) as source:

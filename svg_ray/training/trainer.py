@@ -430,6 +430,11 @@ def _fit(plan: JobPlan, run: RunSettings, context: RunContext) -> Any:
             raise
         error = e
     if error is not None:
+        from svg_ray import storage
+
+        found = storage.storage_error_in(error)  # storage that kept failing: its own one line
+        if found is not None:
+            raise found from None
         raise TrainingFailedError(
             f"training failed after {run.max_failures} restart(s): {_last_line(error)}; "
             f"MLflow run {context.run_id} is marked FAILED, resubmit the same command to resume "
