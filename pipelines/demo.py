@@ -176,7 +176,6 @@ def _train_autoencoder(cfg: DemoConfig, images: Path, runs: Path, p: _Progress) 
         steps=cfg.ae_steps,
         global_batch=cfg.ae_batch,
         lr=cfg.ae_lr,
-        shuffle_buffer=512,
         decode_batch=256,
         decode_cpus=0.5,
         seed=cfg.seed,

@@ -28,7 +28,7 @@ from svg_ray.data.digits import write_image_folder
 from svg_ray.data.manifest import load_manifest
 from svg_ray.data.precompute import PrecomputeConfig, run_precompute
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
-from svg_ray.training.image_data import ImageInput, plan_images, rank_datasets
+from svg_ray.training.image_data import ImageInput, ImageStream, plan_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -183,14 +183,15 @@ def test_autoencoder_reader_flags_only_corrupt_files_under_faults(
     hit = [f"faults/in/{i}" for i in good[2::3]]
     src = ImageInput(uri, resolution=32)
     faulty.set_rules()
-    plan = plan_images(src, seed=0, world=2, per_worker=4)
+    plan = plan_images(src)
     faulty.set_rules(*_burst_rules(hit, s3.bucket))
-    datasets = rank_datasets(src, plan, decode_batch_size=8, decode_cpus=0.5)
-    rows = [r for name in sorted(datasets) for r in datasets[name].take_all()]
-    assert len(rows) == len(ids)
-    flagged = {r["path"].split("/faults/in/", 1)[1] for r in rows if not r["ok"]}
-    assert flagged == BAD, [r["reason"] for r in rows if not r["ok"]]
-    assert all(r["image"].shape == (32, 32, 3) for r in rows)
+    # One batch of every input on one rank: each is read once this epoch, in the job's order.
+    stream = ImageStream(src, plan, rank=0, world=1, batch_size=len(ids), seed=0, decode_batch=8,
+                         decode_cpus=0.5)  # fmt: skip
+    [batch] = list(stream.epoch(0))
+    assert batch.shape == (len(ids), 32, 32, 3)
+    flagged = {p.split("/faults/in/", 1)[1] for p, _ in stream.skipped.skipped}
+    assert flagged == BAD, stream.skipped.skipped
     assert all(n >= 6 for n in _faulted(faulty, hit).values())
 
     # Parquet input goes through Ray Data's reader with the same filesystem and retries.
@@ -200,10 +201,10 @@ def test_autoencoder_reader_flags_only_corrupt_files_under_faults(
     pq.write_table(pa.table({"image": pngs[:12]}), local, row_group_size=4)
     client.put_object(Bucket=s3.bucket, Key="faults/pq/part-0.parquet", Body=local.read_bytes())
     src = ImageInput(s3.uri("faults/pq"), resolution=32)
-    plan = plan_images(src, seed=0, world=1, per_worker=4)
+    plan = plan_images(src)
     faulty.set_rules(Rule("slowdown", key="part-0.parquet", method="GET", times=6))
-    rows = rank_datasets(src, plan, decode_batch_size=8, decode_cpus=0.5)["train_0"].take_all()
-    assert len(rows) == 12 and all(r["ok"] for r in rows)
+    stream = ImageStream(src, plan, rank=0, world=1, batch_size=4, seed=0, decode_cpus=0.5)
+    assert len(list(stream.epoch(0))) == 3 and stream.skipped.count == 0  # 12 rows, none lost
     assert faulty.faults("slowdown", "part-0.parquet") == 6
 
 
@@ -214,11 +215,11 @@ def test_autoencoder_reader_fails_the_task_when_a_fault_never_stops(
     victim = f"faults/in/{ids[5]}"
     src = ImageInput(uri, resolution=32)
     faulty.set_rules()
-    plan = plan_images(src, seed=0, world=1, per_worker=4)
+    plan = plan_images(src)
     faulty.set_rules(Rule("drop", key=f"/{victim}$", method="GET", times=-1))
-    ds = rank_datasets(src, plan, decode_batch_size=8, decode_cpus=0.5)["train_0"]
+    stream = ImageStream(src, plan, rank=0, world=1, batch_size=1, seed=0, decode_cpus=0.5)
     with pytest.raises(Exception) as e:  # Ray's wrapper around the worker's error
-        ds.take_all()
+        list(stream.epoch(0))
     found = storage.storage_error_in(e.value)
     assert isinstance(found, storage.StorageUnavailableError), repr(e.value)[:2000]
     assert str(found).startswith(f"s3://{s3.bucket}/{victim}: S3 kept failing")

@@ -27,12 +27,11 @@ from svg_ray.training.autoencoder import AETrainConfig, launch
 from svg_ray.training.common import RunSettings
 from svg_ray.training.image_data import (
     ImageInput,
-    SkipCounter,
+    ImageStream,
     decode_batch,
-    epoch_batches,
+    fill_bad_rows,
     plan_images,
     probe_decodable,
-    rank_datasets,
 )
 
 pytestmark = [pytest.mark.slow]
@@ -53,7 +52,7 @@ def _cfg(input_uri: str, **kw: Any) -> AETrainConfig:
     base: dict[str, Any] = dict(
         input=input_uri, preset="debug", dino_allow_random=True, steps=8, global_batch=8,
         lr=2e-3, disc_lr=2e-3, log_every=4, checkpoint_every=4, recon_every=0, recon_images=4,
-        shuffle_buffer=32, decode_batch=128, decode_cpus=0.5,
+        decode_batch=128, decode_cpus=0.5,
     )  # fmt: skip
     base.update(kw)
     return AETrainConfig(**base)
@@ -108,8 +107,8 @@ def s3_digits(s3_ray: Any, digits: str) -> str:
 
 
 # The uninterrupted run both the end-to-end checks and the resume comparison use: 202 files read
-# from S3, 101 per rank, 4 images per worker, so 25 steps are exactly one epoch and both bad files
-# are met (a rank short of good images wraps around to fill its last batch).
+# from S3, 100 per rank (2 sit out each epoch, different ones every epoch), 4 images per worker,
+# so 25 steps are exactly one epoch; a bad file is replaced by a good image of its own batch.
 E2E = dict(steps=25, log_every=5, checkpoint_every=10, recon_every=10)
 
 
@@ -120,7 +119,8 @@ def e2e(
     """One 25-step run on the image folder, tracked on the MLflow server and registered."""
     store = str(tmp_path_factory.mktemp("e2e") / "runs")
     run = _run("e2e", store, mlflow_server, register_as="svg-ae-e2e")
-    return {"summary": launch(_cfg(s3_digits, **E2E), _loss(), run), "store": store}
+    summary = launch(_cfg(s3_digits, **E2E), _loss(), run)
+    return {"summary": summary, "store": store, "input": s3_digits}
 
 
 @pytest.mark.timeout(420)
@@ -146,7 +146,13 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     assert len(l1) == 5  # every 5 steps to 25
     assert sum(l1[-2:]) / 2 < 0.85 * sum(l1[:2]) / 2, l1  # it learns (with the GAN on from 3)
     assert all(w > 0 for w in hist["gan_adaptive_weight"]) and hist["d_loss"][-1] > 0, hist
-    assert hist["skipped_images"][-1] == 2  # the truncated PNG and the text file
+    # The bad files this epoch's order deals to the ranks (seed 0 deals both: the truncated
+    # PNG and the text file), counted once each.
+    plan = plan_images(ImageInput(e2e["input"]))
+    order = plan.order(world=2, batch_size=4, seed=0)
+    used = [plan.sources[int(u)] for r in (0, 1) for u in order.rank_units(0, r)]
+    bad_used = [u for u in used if u.endswith(("truncated.png", "notes.txt"))]
+    assert len(bad_used) == 2 and hist["skipped_images"][-1] == 2
     for key in ("gan_g", "grad_norm", "lr", "images_per_s", "data_wait_fraction", "align_mu_res"):
         assert key in r.data.metrics, key
     assert r.data.metrics["perceptual_on"] == 0 and r.data.metrics["gan_on"] == 1
@@ -222,50 +228,41 @@ def test_parquet_input_streams_through_ray_data(
     _write_parquet(str(tmp_path / "pq" / "part-0.parquet"), pngs[:10])
     _write_parquet(str(tmp_path / "pq" / "part-1.parquet"), [*pngs[10:], b"\x89PNG broken"])
     src = ImageInput(str(tmp_path / "pq"), "auto", "img", resolution=32)
-    plan = plan_images(src, seed=0, world=2, per_worker=4)
-    assert plan.source_format == "parquet" and sorted(plan.rows) == [10, 11]
-    assert plan.steps_per_epoch == 2
+    plan = plan_images(src)
+    assert plan.source_format == "parquet" and plan.inputs == 21
     probe_decodable(src, plan)
-    datasets = rank_datasets(src, plan, decode_batch_size=8, decode_cpus=0.5)
-    rows = [r for name in ("train_0", "train_1") for r in datasets[name].take_all()]
-    assert len(rows) == 21 and sum(bool(r["ok"]) for r in rows) == 20
-    bad = next(r for r in rows if not r["ok"])
-    assert "part-1.parquet" in bad["path"] and bad["reason"].startswith("not an image")
-    assert rows[0]["image"].shape == (32, 32, 3)
+    streams = [
+        ImageStream(src, plan, rank=r, world=2, batch_size=4, seed=0, decode_cpus=0.5)
+        for r in (0, 1)
+    ]
+    assert streams[0].steps_per_epoch == 2  # 21 rows: 2 steps of 4 on each of 2 ranks
+    epochs = [[list(s.epoch(e)) for s in streams] for e in (0, 1)]
+    for per_rank in epochs:
+        assert all(len(b) == 2 and b[0].shape == (4, 32, 32, 3) for b in per_rank)
+    # Resume: batch 1 alone equals batch 1 of the whole epoch (it decodes from its window on).
+    [resumed] = list(streams[0].epoch(0, start=1))
+    assert np.array_equal(resumed, epochs[0][0][1])
+    assert not np.array_equal(epochs[0][0][0], epochs[1][0][0])  # a new order every epoch
     with pytest.raises(ConfigError, match="has no column 'image'"):
-        plan_images(ImageInput(str(tmp_path / "pq")), seed=0, world=2, per_worker=4)
+        plan_images(ImageInput(str(tmp_path / "pq")))
 
 
-class _FakeShard:
-    """``iter_batches`` over fixed rows, as a Ray DataIterator yields them (no shuffle)."""
-
-    def __init__(self, ok: list[bool]) -> None:
-        n = len(ok)
-        self.rows = {
-            "image": np.arange(n, dtype=np.uint8)[:, None, None, None]
-            * np.ones((1, 2, 2, 3), np.uint8),
-            "ok": np.array(ok),
-            "path": np.array([f"f{i}" for i in range(n)], dtype=object),
-            "reason": np.array(["" if o else "corrupt" for o in ok], dtype=object),
-        }
-
-    def iter_batches(self, batch_size: int, **_: Any) -> Any:
-        n = len(self.rows["ok"])
-        for i in range(0, n, batch_size):
-            yield {k: v[i : i + batch_size] for k, v in self.rows.items()}
-
-
-def test_epoch_batches_skip_bad_rows_and_wrap_to_a_fixed_step_count() -> None:
-    # 10 rows, 2 undecodable, batches of 3: 3 steps need 9 good images, so the rank wraps.
-    ok = [True, False, True, True, True, True, False, True, True, True]
-    skipped = SkipCounter(rank=0)
-    out = list(epoch_batches(_FakeShard(ok), 3, 3, seed=0, rank=0, epoch=0, buffer=0,
-                             skipped=skipped))  # fmt: skip
-    firsts = [b[:, 0, 0, 0].tolist() for b in out]
-    assert firsts == [[0, 2, 3], [4, 5, 7], [8, 9, 0]]  # the last batch wraps to image 0
-    assert skipped.count == 2  # counted once, not again on the wrapped pass
-    with pytest.raises(RuntimeError, match="none of its inputs could be decoded"):
-        list(epoch_batches(_FakeShard([False] * 4), 2, 1, 0, 0, 0, 0, SkipCounter(0)))
+def test_bad_rows_are_replaced_within_their_batch() -> None:
+    ok = np.array([True, False, True, False])
+    images = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    batch = {
+        "image": images,
+        "ok": ok,
+        "path": np.array(list("abcd")),
+        "reason": np.array(list("xyzw")),
+    }
+    out = fill_bad_rows(batch, "rank 0")
+    assert out[:, 0, 0, 0].tolist() == [0, 2, 2, 0]  # each bad row takes the next good one
+    assert np.array_equal(batch["image"], images)  # the input is left as it was
+    with pytest.raises(ConfigError, match=r"rank 0: none of its 2 images .*a: x; b: y"):
+        fill_bad_rows(
+            {**{k: v[:2] for k, v in batch.items()}, "ok": np.array([False] * 2)}, "rank 0"
+        )
 
 
 def test_decode_batch_flags_bad_inputs_instead_of_failing(digits: str) -> None:

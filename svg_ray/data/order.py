@@ -85,8 +85,10 @@ class EpochOrder:
         batch_size: int,
         seed: int,
         window_rows: int = 1,
+        what: str = "rows",
     ) -> None:
-        """Check every rank gets a batch; ``window_rows``: rows shuffled together (at most)."""
+        """Check every rank gets a batch; ``window_rows``: rows shuffled together (at most);
+        ``what``: the rows' name in the not-enough-data error (e.g. 'images')."""
         require(world >= 1, "world size must be >= 1")
         require(batch_size >= 1, "batch size must be >= 1")
         require(seed >= 0, "the data seed must be >= 0 (--seed)")
@@ -101,7 +103,7 @@ class EpochOrder:
         self.steps_per_epoch = self.total_rows // world // batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"not enough data: {self.total_rows} rows over {world} worker(s) is fewer than "
+                f"not enough data: {self.total_rows} {what} over {world} worker(s) is fewer than "
                 f"one batch of {batch_size} per worker; lower --global-batch or --num-workers, "
                 "or use more data"
             )

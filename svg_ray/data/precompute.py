@@ -89,8 +89,8 @@ class PrecomputeConfig:
     """Parquet input: unique id column ('' = '<file>:<row>')."""
     resolution: int = 0
     """Crop size in pixels (0 = the autoencoder's; any other value must equal it)."""
-    dtype: Literal["float16", "bfloat16"] = "float16"
-    """Storage dtype of the latents."""
+    dtype: Literal["fp16", "bf16", "float16", "bfloat16"] = "fp16"
+    """Storage dtype of the latents: 'fp16' or 'bf16' (recorded as float16/bfloat16)."""
     flip: bool = False
     """Also store the latent of the horizontally flipped image (column latent_flip)."""
     rows_per_shard: int = 1024
@@ -130,7 +130,11 @@ class PrecomputeConfig:
         self.out = storage.absolute(self.out)
         self.autoencoder = storage.absolute(self.autoencoder)
         require(self.input_format in ("auto", "folder", "parquet"), "bad precompute.input_format")
-        require(self.dtype in ("float16", "bfloat16"), "precompute.dtype: float16 or bfloat16")
+        require(
+            self.dtype in ("fp16", "bf16", "float16", "bfloat16"), "precompute.dtype: fp16 or bf16"
+        )
+        # The manifest and the job fingerprint keep the storage names datasets already carry.
+        self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(self.dtype, self.dtype)  # type: ignore[assignment]
         require(self.resolution >= 0, "precompute.resolution must be >= 0")
         require(self.rows_per_shard >= 1, "precompute.rows_per_shard must be >= 1")
         require(self.shuffle_seed >= -1, "precompute.shuffle_seed must be >= 0 (or -1: sorted)")

@@ -8,10 +8,10 @@ step with L1 + LPIPS + adaptive-weight PatchGAN, then a discriminator step), rec
 and the export of ``<storage>/<name>/autoencoder.safetensors`` (eval mode, running alignment
 statistics) to storage and MLflow.
 
-Data (``training/image_data.py``): Ray Data tasks decode and ADM-centre-crop each rank's own
-fixed input list; undecodable inputs are skipped and counted, and every rank runs exactly
-``steps_per_epoch`` steps (a rank short of good images wraps around instead of running short,
-which would hang DDP).
+Data (``training/image_data.py``): every epoch a seeded permutation of the inputs dealt to the
+ranks, decoded and cropped by Ray Data tasks; an undecodable input is counted and replaced by a
+good image of its own batch, so every rank runs exactly ``steps_per_epoch`` steps and a resume
+starts at its batch without decoding earlier ones.
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ from svg_ray.training.common import RunSettings, TrainConfig
 from svg_ray.training.image_data import (
     ImageInput,
     ImagePlan,
-    SkipCounter,
-    epoch_batches,
+    ImageStream,
     plan_images,
     probe_decodable,
-    rank_datasets,
 )
 from svg_ray.training.trainer import (
     JobPlan,
@@ -91,8 +89,6 @@ class AETrainConfig(TrainConfig):
     """Run with a RANDOM frozen DINO (tests and demos only; the latents carry no semantics)."""
     disc_lr: float = 1e-4
     """Adam learning rate of the discriminator (constant); ``lr`` is the autoencoder's."""
-    shuffle_buffer: int = 1024
-    """Decoded images in each worker's seeded local shuffle buffer (0: file order only)."""
     decode_batch: int = 64
     """Images per Ray Data decode task batch."""
     decode_cpus: float = 1.0
@@ -113,7 +109,6 @@ class AETrainConfig(TrainConfig):
             f"train.resolution must be 0 or a positive multiple of 16, got {self.resolution}",
         )
         require(self.disc_lr > 0, "train.disc_lr must be positive")
-        require(self.shuffle_buffer >= 0, "train.shuffle_buffer must be >= 0")
         require(self.decode_batch >= 1, "train.decode_batch must be >= 1")
         require(self.decode_cpus > 0, "train.decode_cpus must be positive")
         require(self.max_pixels >= 1, "train.max_pixels must be >= 1")
@@ -178,6 +173,7 @@ class Validated:
 
     images: ImageInput
     plan: ImagePlan
+    steps_per_epoch: int
     autoencoder: AutoencoderConfig
     losses: list[str]
     trainable_params: int
@@ -189,14 +185,15 @@ def validate(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> Va
     require(storage.exists(cfg.input), f"input not found: {cfg.input} (--input)")
     ae_cfg = cfg.autoencoder_config()
     images = cfg.image_input(ae_cfg.resolution)
-    plan = plan_images(images, cfg.seed, run.num_workers, per_worker)
+    plan = plan_images(images)
+    steps = plan.order(run.num_workers, per_worker, cfg.seed).steps_per_epoch
     probe_decodable(images, plan)
     # Building both loads the DINO and VGG weights once here: a missing, mismatched or
     # corrupt file fails now with the option to set, not later in every worker.
     ae = SVGAutoencoder(ae_cfg)
     losses = AELoss(loss_cfg).enabled_losses()
     return Validated(
-        images, plan, ae_cfg, losses, sum(p.numel() for p in ae.trainable_parameters())
+        images, plan, steps, ae_cfg, losses, sum(p.numel() for p in ae.trainable_parameters())
     )
 
 
@@ -206,9 +203,7 @@ def plan(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> JobPla
     enabled = ",".join(v.losses)
     return JobPlan(
         task=AutoencoderTask,
-        spec=AutoencoderSpec(
-            cfg, loss_cfg, v.autoencoder.to_dict(), v.losses, v.plan.steps_per_epoch
-        ),
+        spec=AutoencoderSpec(cfg, loss_cfg, v.autoencoder.to_dict(), v.losses, v.steps_per_epoch),
         params={
             "train": to_dict(cfg),
             "loss": to_dict(loss_cfg),
@@ -217,17 +212,17 @@ def plan(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> JobPla
             "losses": {"enabled": enabled},
             "data": {
                 "format": v.plan.source_format,
-                "inputs": sum(v.plan.rows),
-                "steps_per_epoch": v.plan.steps_per_epoch,
+                "inputs": v.plan.inputs,
+                "steps_per_epoch": v.steps_per_epoch,
                 "trainable_params": v.trainable_params,
             },
         },
         output=storage.join(run.run_uri, AE_FILE),
         describe=(
-            f"losses {v.losses}; {v.plan.steps_per_epoch} steps/epoch on {run.num_workers} "
-            f"worker(s), inputs per worker {v.plan.rows}"
+            f"losses {v.losses}; {v.steps_per_epoch} steps/epoch on {run.num_workers} "
+            f"worker(s) over {v.plan.inputs} inputs"
         ),
-        datasets=lambda: rank_datasets(v.images, v.plan, cfg.decode_batch, cfg.decode_cpus),
+        shared={"images": v.images, "plan": v.plan},
         tags={"svg_ray.losses": enabled},
     )
 
@@ -329,7 +324,16 @@ class AutoencoderTask(TrainTask):
         )
         self.parts = AutoencoderParts(ae, ae, loss, disc, opt_g, opt_d, self.cfg.grad_clip, ctx.amp)
         self.disc = disc  # unwrapped: checkpoints must not depend on the DDP wrapper
-        self.skipped = SkipCounter(ctx.rank)
+        self.stream = ImageStream(
+            ctx.shared["images"],
+            ctx.shared["plan"],
+            rank=ctx.rank,
+            world=ctx.world,
+            batch_size=self.per_worker,
+            seed=self.cfg.seed,
+            decode_batch=self.cfg.decode_batch,
+            decode_cpus=self.cfg.decode_cpus,
+        )
         self.last_x: torch.Tensor | None = None
 
     @property
@@ -368,8 +372,7 @@ class AutoencoderTask(TrainTask):
             p.opt_d.load_state_dict(state["opt_d"])
 
     def prepare(self) -> None:
-        """Train mode, DDP wrappers and this rank's dataset shard."""
-        import ray.train
+        """Train mode and DDP wrappers."""
         import ray.train.torch
 
         p = self.parts
@@ -391,18 +394,15 @@ class AutoencoderTask(TrainTask):
                     p.loss.discriminator, parallel_strategy_kwargs={"broadcast_buffers": False}
                 )
                 p.disc_ddp = p.loss.discriminator
-        self.shard = ray.train.get_dataset_shard(f"train_{self.ctx.rank}")
 
     def batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         """Model inputs (B, 3, R, R) in [-1, 1] from batch ``start`` of ``epoch``."""
-        self.skipped = SkipCounter(self.ctx.rank)
-        it = epoch_batches(
-            self.shard, self.per_worker, self.steps_per_epoch, self.cfg.seed, self.ctx.rank,
-            epoch, self.cfg.shuffle_buffer, self.skipped,
-        )  # fmt: skip
-        for i, batch in enumerate(it):
-            if i >= start:  # earlier batches were consumed before the checkpoint
-                yield to_model_input(batch).to(self.ctx.device, non_blocking=True)
+        for batch in self.stream.epoch(epoch, start):
+            yield to_model_input(batch).to(self.ctx.device, non_blocking=True)
+
+    def position(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        """The rank's next input: batch ``step_in_epoch`` starts at this row of its order."""
+        return {"epoch": epoch, "step": step_in_epoch, "row": step_in_epoch * self.per_worker}
 
     def step(self, batch: torch.Tensor, step: int) -> dict[str, Any]:
         """One ``autoencoder_step``, then the running alignment statistics averaged over ranks."""
@@ -418,7 +418,7 @@ class AutoencoderTask(TrainTask):
 
     def counters(self) -> dict[str, float]:
         """Inputs skipped this epoch (summed over ranks)."""
-        return {"skipped_images": float(self.skipped.count)}
+        return {"skipped_images": float(self.stream.skipped.count)}
 
     def metrics(self) -> dict[str, float]:
         """Learning rate and the running alignment statistics."""

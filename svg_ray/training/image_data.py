@@ -1,46 +1,52 @@
-"""Streaming images into the autoencoder job: per-rank file lists, Ray Data decoding, batches.
+"""Images into the autoencoder job: the epoch order of ``svg_ray.data.order``, Ray Data decoding.
 
-Each rank reads its own fixed list of inputs as a Ray Dataset named ``train_<rank>`` (the same
-scheme as the latent reader in ``training/data.py``): a folder tree is dealt out file by file
-after a seeded permutation, Parquet files are balanced by row count. Planning, reading and the
-decode stage are the shared input layer (``svg_ray.data.inputs``): Ray Data CPU tasks read,
-decode and ADM-centre-crop; an input that is missing or cannot be decoded becomes a row flagged
-not-ok, which the training loop skips and counts, so one bad file never kills a job, while
-storage errors that persist past the retries fail the task instead of losing the image.
-``epoch_batches`` cuts a rank's stream into exactly ``steps_per_epoch`` batches in an order that
-is a function of (seed, epoch, rank), so a resumed run replays the same batches.
+The order is the latent reader's, over images instead of latents: a pure function of (seed,
+epoch, rank, world). A folder tree's images are single-row units, so every epoch is a seeded
+global permutation of all images dealt to the ranks in equal spans; Parquet inputs use their row
+groups as units, shuffled within windows of about one file's rows (a row group is Parquet's read
+unit: drawing rows one by one from all files would read every row group once per row). Every rank
+runs exactly ``steps_per_epoch`` steps.
 
-This module stays light (no model code): every Ray Data decode worker imports it.
+Each epoch, a worker builds a Ray Dataset over its own rows in that order: CPU tasks read
+(``svg_ray.data.inputs``: transient storage errors retried, a vanished file a skip reason) and
+decode/crop them, and the worker cuts the stream into batches. Batch ``k`` holds exactly the
+rank's rows ``[k*B, (k+1)*B)``: an input that cannot be decoded is counted and replaced by a good
+image of the *same* batch, so no bad file shifts later batches. A resume at step ``k`` therefore
+starts the stream at row ``k*B`` (a folder) or at the window holding it (Parquet, re-reading fewer
+rows than one window) and decodes nothing it already trained on.
+
+This module stays light (no model code): every Ray Data decode task imports it.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
+import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from svg_ray import storage
-from svg_ray.config import ConfigError, require
+from svg_ray.config import ConfigError
 from svg_ray.data import inputs, schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS
 from svg_ray.data.inputs import COL_OK, COL_REASON, decode_batch
+from svg_ray.data.order import EpochOrder
 
 __all__ = [
     "COL_OK",
     "COL_REASON",
     "ImageInput",
     "ImagePlan",
+    "ImageStream",
     "SkipCounter",
     "decode_batch",
-    "epoch_batches",
+    "decode_sources",
     "plan_images",
     "probe_decodable",
-    "rank_datasets",
 ]
 
 OPTION = "--input"
@@ -65,102 +71,61 @@ class ImageInput:
 
 @dataclass
 class ImagePlan:
-    """Which inputs each rank reads and how many steps make an epoch."""
+    """The inputs as units of the epoch order (listings and footers only, no image bytes)."""
 
     source_format: str
-    """'folder' (files lists are image files) or 'parquet' (file lists are Parquet files)."""
-    files: list[list[str]]
-    """Per rank, its files in reading order."""
-    rows: list[int]
-    """Per rank, its number of inputs (images or Parquet rows, bad ones included)."""
-    steps_per_epoch: int
-    """Steps every rank runs per epoch: the smallest rank's inputs // per-worker batch."""
+    """'folder' (units are image files) or 'parquet' (units are row groups of Parquet files)."""
+    sources: list[str]
+    """Folder: the image URIs. Parquet: the files."""
+    unit_rows: list[int]
+    """Rows per unit (all 1 for a folder)."""
+    unit_first_row: list[int] = field(default_factory=list)
+    """Parquet: each unit's first row within its file."""
+    unit_file: list[int] = field(default_factory=list)
+    """Parquet: each unit's file (index into ``sources``)."""
+    window_rows: int = 1
+    """Rows shuffled together (Parquet: the largest file's rows)."""
+
+    @property
+    def inputs(self) -> int:
+        """Images (or Parquet rows) in the plan, bad ones included."""
+        return sum(self.unit_rows)
+
+    def order(self, world: int, batch_size: int, seed: int) -> EpochOrder:
+        """The epoch order of these inputs; refuses a plan that cannot fill one batch per rank."""
+        what = "images" if self.source_format == "folder" else "rows"
+        return EpochOrder(self.unit_rows, world, batch_size, seed, self.window_rows, what)
 
 
-def plan_images(src: ImageInput, seed: int, world: int, per_worker: int) -> ImagePlan:
-    """Per-rank input lists: folder trees split by file, Parquet files balanced by row count."""
-    rng = np.random.default_rng(seed)
+def plan_images(src: ImageInput) -> ImagePlan:
+    """List the inputs: a folder tree's images, or the row groups of Parquet files (footers)."""
     fmt = inputs.resolve_format(src.uri, src.input_format, OPTION)
     if fmt == "folder":
-        # A seeded permutation dealt round-robin: every rank sees every class, and ranks
-        # differ in size by at most one image.
         files = [str(u) for u in inputs.plan_folder(src.uri, OPTION).sources]
-        files = [files[i] for i in rng.permutation(len(files))]
-        groups = [files[r::world] for r in range(world)]
-        rows = [len(g) for g in groups]
-    else:
-        groups, rows = _plan_parquet(src, world, rng)
-    steps = min(rows) // per_worker
-    require(
-        steps >= 1,
-        f"not enough data: {sum(rows)} {'images' if fmt == 'folder' else 'rows'} under "
-        f"{src.uri} give ranks {rows}, fewer than one batch of {per_worker} per worker; lower "
-        "--global-batch or --num-workers (Parquet: or use more, smaller files)",
-    )
-    return ImagePlan(fmt, groups, rows, steps)
-
-
-def _plan_parquet(
-    src: ImageInput, world: int, rng: np.random.Generator
-) -> tuple[list[list[str]], list[int]]:
-    """Parquet files balanced over ranks by row count (footers only), each rank's order seeded."""
-    from svg_ray.training.data import assign_files
-
+        return ImagePlan(fmt, files, [1] * len(files))
     files = inputs.parquet_files(src.uri, OPTION)
-    footers = [inputs.parquet_footer(f) for f in files]
+    with ThreadPoolExecutor(16) as pool:  # footers: one small ranged GET each on S3
+        footers = list(pool.map(inputs.parquet_footer, files))
     inputs.require_columns(files[0], footers[0], {src.image_column: "--image-column"}, OPTION)
-    rows = [md.num_rows for md in footers]
-    index_groups = [[int(i) for i in rng.permutation(g)] for g in assign_files(rows, world)]
-    per_rank = [sum(rows[i] for i in g) for g in index_groups]
-    return [[files[i] for i in g] for g in index_groups], per_rank
-
-
-def rank_datasets(
-    src: ImageInput, plan: ImagePlan, decode_batch_size: int, decode_cpus: float
-) -> dict[str, Any]:
-    """One Ray Dataset per rank (``train_<rank>``): its inputs, decoded by CPU tasks."""
-    import ray.data
-
-    decode = functools.partial(
-        decode_batch,
-        source_format=plan.source_format,
-        resolution=src.resolution,
-        max_pixels=src.max_pixels,
-        image_column=src.image_column,
-    )
-    out = {}
-    for r, files in enumerate(plan.files):
-        if plan.source_format == "folder":
-            blocks = max(1, math.ceil(len(files) / decode_batch_size))
-            ds: ray.data.Dataset = ray.data.from_items(
-                [{schema.COL_PATH: u} for u in files], override_num_blocks=blocks
-            )
-        else:
-            # Read tasks retry throttled or dropped S3 reads for the whole budget, not only the
-            # SDK's few attempts.
-            fs, _ = storage.read_filesystem(files[0])
-            paths = [storage.filesystem(u)[1] for u in files]
-            ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-            # Projection is pushed down to the read: labels and other columns are never loaded.
-            ds = ds.select_columns([src.image_column, schema.COL_PATH])
-        out[f"train_{r}"] = ds.map_batches(
-            decode, batch_size=decode_batch_size, num_cpus=decode_cpus
-        )
-    return out
+    rows, first, owner = [], [], []
+    for f, md in enumerate(footers):
+        start = 0
+        for g in range(md.num_row_groups):
+            n = md.row_group(g).num_rows
+            rows.append(n)
+            first.append(start)
+            owner.append(f)
+            start += n
+    return ImagePlan(fmt, files, rows, first, owner, max(md.num_rows for md in footers))
 
 
 def probe_decodable(src: ImageInput, plan: ImagePlan, n: int = 8) -> None:
     """Fail before any worker starts if none of the first few inputs decodes (wrong input)."""
-    first = plan.files[0]
     if plan.source_format == "folder":
-        batch = {schema.COL_PATH: np.array(first[:n], dtype=object)}
+        sources: list[Any] = plan.sources[:n]
     else:
-        raw = inputs.read_parquet_head(first[0], src.image_column, n)
-        batch = {
-            schema.COL_PATH: np.array([first[0]] * len(raw), dtype=object),
-            src.image_column: np.array([*raw, None], dtype=object)[:-1],  # keep it 1-D
-        }
-    out = decode_batch(batch, plan.source_format, src.resolution, src.max_pixels, src.image_column)
+        sources = [[plan.sources[0], r] for r in range(min(n, plan.unit_rows[0]))]
+    out = decode_sources(sources, plan.source_format, src)
     if not out[COL_OK].any():
         raise ConfigError(
             f"none of the first {len(out[COL_OK])} inputs of {src.uri} could be decoded "
@@ -169,63 +134,151 @@ def probe_decodable(src: ImageInput, plan: ImagePlan, n: int = 8) -> None:
         )
 
 
+def decode_sources(sources: list[Any], source_format: str, src: ImageInput) -> dict[str, Any]:
+    """Read and decode ``sources`` (folder: URIs; Parquet: [file, row]) in order: crops uint8
+    (n, R, R, 3) (zeros where not ok), ok flags, the source names and skip reasons."""
+    with ThreadPoolExecutor(8) as pool:  # S3 GETs are latency-bound: overlap them
+        raw = inputs.fetch(source_format, sources, src.image_column, pool)
+    n, r = len(sources), src.resolution
+    images = np.zeros((n, r, r, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    reasons = [""] * n
+    for i, data in enumerate(raw):
+        res = inputs.decode(data, r, src.max_pixels)
+        if isinstance(res, str):
+            reasons[i] = res
+        else:
+            images[i], ok[i] = res, True
+    names = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in sources]
+    return {
+        schema.COL_IMAGE: images,
+        COL_OK: ok,
+        schema.COL_PATH: np.array(names, dtype=object),
+        COL_REASON: np.array(reasons, dtype=object),
+    }
+
+
+def _decode_items(
+    batch: dict[str, np.ndarray], source_format: str, src: ImageInput
+) -> dict[str, Any]:
+    """Ray Data stage: one item (a JSON list of sources) -> its decoded rows, in order."""
+    sources = [s for spec in batch["sources"] for s in json.loads(spec)]
+    return decode_sources(sources, source_format, src)
+
+
 class SkipCounter:
     """Inputs skipped this epoch on this rank; the first few are printed with their reason."""
 
-    def __init__(self, rank: int, show: int = 10) -> None:
+    def __init__(self, rank: int, show: int = 10, keep: int = 1000) -> None:
         self.rank = rank
         self.show = show
+        self.keep = keep
         self.count = 0
+        self.skipped: list[tuple[str, str]] = []
+        """(input, reason) of the first ``keep`` skipped inputs."""
 
     def add(self, paths: np.ndarray, reasons: np.ndarray) -> None:
         """Count skipped rows (and print them while under the ``show`` limit)."""
         for p, why in zip(paths, reasons, strict=True):
             if self.count < self.show:
                 print(f"[train-ae] rank {self.rank}: skipped {p}: {why}", flush=True)
+            if self.count < self.keep:
+                self.skipped.append((str(p), str(why)))
             self.count += 1
 
 
-def epoch_batches(
-    shard: Any,
-    per_worker: int,
-    steps: int,
-    seed: int,
-    rank: int,
-    epoch: int,
-    buffer: int,
-    skipped: SkipCounter,
-) -> Iterator[np.ndarray]:
-    """Exactly ``steps`` batches of uint8 images (per_worker, R, R, 3) for one epoch.
+def fill_bad_rows(batch: dict[str, np.ndarray], where: str) -> np.ndarray:
+    """A batch's images with every undecodable row replaced by the next good row of the same
+    batch (cyclically): batch ``k`` depends on its own inputs only, so resume stays exact."""
+    ok = np.asarray(batch[COL_OK], bool)
+    images = batch[schema.COL_IMAGE]
+    if ok.all():
+        return images
+    good = np.flatnonzero(ok)
+    if not len(good):
+        pairs = zip(batch[schema.COL_PATH], batch[COL_REASON], strict=True)
+        shown = "; ".join(f"{p}: {r}" for p, r in pairs)
+        raise ConfigError(f"{where}: none of its {len(ok)} images could be decoded ({shown})")
+    out = np.array(images)  # writable: Ray hands out read-only views
+    for i in np.flatnonzero(~ok):
+        out[i] = out[good[np.searchsorted(good, i) % len(good)]]
+    return out
 
-    The order is a function of (seed, epoch, rank). Skipped inputs are counted on the first pass;
-    if bad files left the rank short, it wraps around to its first images.
-    """
-    made = n_pending = 0
-    pending: list[np.ndarray] = []
-    for lap in itertools.count():
-        n_ok = 0
-        shuffle_seed = seed * 100_003 + epoch * 1_009 + rank * 31 + lap  # distinct per rank/epoch
-        batches = shard.iter_batches(
-            batch_size=per_worker,
-            batch_format="numpy",
-            drop_last=False,
-            local_shuffle_buffer_size=buffer or None,
-            local_shuffle_seed=shuffle_seed if buffer else None,
+
+class ImageStream:
+    """One rank's image batches, epoch by epoch (see the module doc)."""
+
+    def __init__(
+        self,
+        src: ImageInput,
+        plan: ImagePlan,
+        *,
+        rank: int,
+        world: int,
+        batch_size: int,
+        seed: int,
+        decode_batch: int = 64,
+        decode_cpus: float = 1.0,
+    ) -> None:
+        """Plan the epochs (no data read yet)."""
+        self.src, self.plan = src, plan
+        self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, seed
+        self.decode_batch, self.decode_cpus = decode_batch, decode_cpus
+        self.order = plan.order(world, batch_size, seed)
+        self.skipped = SkipCounter(rank)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps every rank runs per epoch."""
+        return self.order.steps_per_epoch
+
+    def _items(self, epoch: int, start: int) -> list[list[Any]]:
+        """The rank's sources from batch ``start`` on, grouped into decode items, in order."""
+        b = self.batch_size
+        if self.plan.source_format == "folder":
+            units = self.order.rank_units(epoch, self.rank)[start * b :]
+            per = max(1, self.decode_batch)
+            return [
+                [self.plan.sources[int(u)] for u in units[i : i + per]]
+                for i in range(0, len(units), per)
+            ]
+        windows = self.order.windows(epoch, self.rank)
+        w0, skip = self.order.locate(windows, start)
+        items = []
+        for w in windows[w0:]:
+            rows = [
+                (self.plan.unit_file[s.unit], self.plan.unit_first_row[s.unit] + r)
+                for s in w.segments
+                for r in range(s.start, s.stop)
+            ]
+            ordered = [rows[int(i)] for i in w.order]
+            items.append([[self.plan.sources[f], r] for f, r in ordered[skip:]])
+            skip = 0
+        return items
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[np.ndarray]:
+        """uint8 batches (B, R, R, 3) ``start .. steps_per_epoch - 1`` of ``epoch``."""
+        import ray.data
+
+        self.skipped = SkipCounter(self.rank)
+        items = self._items(epoch, start)
+        if not items:
+            return
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # batch k must be rows [k*B, (k+1)*B)
+        decode = functools.partial(
+            _decode_items, source_format=self.plan.source_format, src=self.src
         )
-        for b in batches:
-            ok = np.asarray(b[COL_OK], bool)
-            if lap == 0 and not ok.all():
-                skipped.add(b[schema.COL_PATH][~ok], b[COL_REASON][~ok])
-            good = b[schema.COL_IMAGE][ok]
-            n_ok += len(good)
-            pending.append(good)
-            n_pending += len(good)
-            while n_pending >= per_worker:
-                joined = np.concatenate(pending)
-                yield joined[:per_worker]
-                made += 1
-                if made == steps:
-                    return
-                pending, n_pending = [joined[per_worker:]], n_pending - per_worker
-        if n_ok == 0:
-            raise RuntimeError(f"rank {rank}: none of its inputs could be decoded as images")
+        ds = ray.data.from_items(
+            [{"sources": json.dumps(i)} for i in items],
+            override_num_blocks=min(len(items), max(1, math.ceil(len(items) / 4))),
+        ).map_batches(decode, batch_size=1, num_cpus=self.decode_cpus)
+        step = start
+        for batch in ds.iter_batches(
+            batch_size=self.batch_size, batch_format="numpy", drop_last=True
+        ):
+            ok = np.asarray(batch[COL_OK], bool)
+            if not ok.all():
+                self.skipped.add(batch[schema.COL_PATH][~ok], batch[COL_REASON][~ok])
+            yield fill_bad_rows(batch, f"rank {self.rank}, epoch {epoch}, batch {step}")
+            step += 1

@@ -212,6 +212,9 @@ class Trainer:
         self.cfg = task.cfg
         self.pos = Position()
         self.meter = Throughput()
+        # Step logs summed since the last log line (on the device: no host sync per step).
+        self._sums: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
         self.logger: Any = None
 
     def restore(self) -> None:
@@ -284,9 +287,13 @@ class Trainer:
 
     def _cadence(self, logs: dict[str, Any]) -> None:
         """Log, log images and checkpoint when their intervals come round (all ranks)."""
+        for k, v in logs.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+            self._counts[k] = self._counts.get(k, 0) + 1
         step, last = self.pos.step, self.pos.step == self.cfg.steps
         if step % self.cfg.log_every == 0 or last:
-            self._log(logs)
+            self._log()
         every = self.task.images_every
         if self.logger is not None and every and step % every == 0:
             self.task.log_images(self.logger, step)
@@ -294,16 +301,19 @@ class Trainer:
             metrics = {"step": step, **{k: float(v) for k, v in logs.items()}}
             save_checkpoint(self.state_dict(), metrics)
 
-    def _log(self, logs: dict[str, Any]) -> None:
-        """Average the step's logs (and sum the counters) over ranks; rank 0 logs them."""
+    def _log(self) -> None:
+        """Average the logs of the steps since the last log line over those steps and the ranks
+        (and sum the counters over ranks); rank 0 logs them."""
         import torch.distributed as dist
 
-        keys = sorted(logs)  # identical on every rank: the same step logs the same terms
+        keys = sorted(self._sums)  # identical on every rank: every rank runs the same steps
+        means = [float(self._sums[k]) / self._counts[k] for k in keys]
+        self._sums, self._counts = {}, {}
         counters = self.task.counters()
         ckeys = sorted(counters)
-        values = torch.tensor(
-            [float(logs[k]) for k in keys] + [counters[k] for k in ckeys], dtype=torch.float64
-        ).to(self.ctx.device)  # NCCL reduces device tensors only
+        values = torch.tensor(means + [counters[k] for k in ckeys], dtype=torch.float64).to(
+            self.ctx.device
+        )  # NCCL reduces device tensors only
         if self.ctx.world > 1:
             dist.all_reduce(values)
             values[: len(keys)] /= self.ctx.world
