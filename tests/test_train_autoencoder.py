@@ -7,6 +7,7 @@ adaptive-weight and discriminator terms all run.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -166,7 +167,8 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     assert len(versions) == 1 and versions[0].source.endswith("/autoencoder")
 
     # The exported autoencoder: eval mode, running alignment statistics tracked over all 25
-    # steps (averaged over both ranks), loadable on its own.
+    # steps (averaged over both ranks), then re-estimated in eval mode on rank 0's 100 images
+    # (recorded in the metadata); loadable on its own.
     uri = summary["autoencoder"]
     assert uri == f"{store}/e2e/autoencoder.safetensors"
     ae = load_autoencoder(uri)
@@ -174,8 +176,12 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     assert int(ae.align.num_batches_tracked) == 25
     assert not torch.allclose(ae.align.running_stats, torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert '"step": 25' in read_metadata(uri)["extra"]
+    calibration = json.loads(read_metadata(uri)["extra"])["align_calibration"]
+    assert calibration["images"] == 100  # 25 batches of 4: rank 0's epoch
+    assert ae.align.running_stats.tolist() == pytest.approx(calibration["after"], rel=1e-6)
     state = _final_state(f"{store}/e2e")
-    assert torch.equal(state["ae"]["align.running_stats"], ae.align.running_stats)
+    before = state["ae"]["align.running_stats"].tolist()
+    assert before == pytest.approx(calibration["before"], rel=1e-6)  # the training EMA
     with torch.no_grad():
         x = torch.zeros(2, 3, 64, 64)
         assert ae(x).shape == x.shape

@@ -7,7 +7,7 @@ adaptive-weight PatchGAN) and a discriminator step until the configured step; ra
 reconstruction grids and exports ``<storage>/<name>/autoencoder.safetensors`` (eval mode, running
 alignment statistics) to storage and MLflow, and optionally registers it.
 
-Data (``training/image_data.py``): Ray Data tasks decode and ADM-centre-crop each rank's own
+Data (``training/image_data.py``): Ray Data tasks decode and crop (--crop) each rank's own
 fixed input list; undecodable inputs are skipped and counted, and every rank runs exactly
 ``steps_per_epoch`` steps (a rank short of good images wraps around instead of running short,
 which would hang DDP).
@@ -31,7 +31,12 @@ from svg_ray.config import from_dict, require, to_dict
 from svg_ray.data import schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
 from svg_ray.losses import AELoss, AELossConfig
-from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder, ae_preset
+from svg_ray.models.autoencoder import (
+    AutoencoderConfig,
+    SVGAutoencoder,
+    ae_preset,
+    calibrate_alignment,
+)
 from svg_ray.training.common import (
     RunSettings,
     Throughput,
@@ -100,6 +105,10 @@ class AETrainConfig:
     """CPUs per Ray Data decode task."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more decoded pixels (W*H) are skipped (decompression-bomb guard)."""
+    crop: Literal["random", "center"] = "random"
+    """'random': a window of the short-side-resized image, as the reference AE trains (fixed per
+    image by --seed and its bytes, so resumed runs see the same crops); 'center': the ADM crop
+    that precompute and evaluation use."""
     precision: str = "fp32"
     """'fp32' (the reference's), 'bf16' (autocast on GPU) or 'auto' (bf16 on GPU, fp32 on CPU)."""
     seed: int = 0
@@ -112,6 +121,9 @@ class AETrainConfig:
     """Log a reconstruction grid (inputs over reconstructions) every N steps; 0: only at the end."""
     recon_images: int = 8
     """Images in a reconstruction grid (from rank 0's current batch)."""
+    calibrate_images: int = 4096
+    """'running' alignment: before export, rank 0 re-estimates the statistics in eval mode (no
+    dropout, no mask tokens) on up to this many of its images; 0 keeps the training EMA."""
 
     def __post_init__(self) -> None:
         require(bool(self.input), "train.input must name an image folder or Parquet (--input)")
@@ -133,6 +145,7 @@ class AETrainConfig:
         for name in ("log_every", "checkpoint_every", "recon_images"):
             require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         require(self.recon_every >= 0, "train.recon_every must be >= 0")
+        require(self.calibrate_images >= 0, "train.calibrate_images must be >= 0")
 
     def autoencoder_config(self) -> AutoencoderConfig:
         """The preset with this run's resolution and DINO weights (validated on construction)."""
@@ -150,7 +163,13 @@ class AETrainConfig:
     def image_input(self, resolution: int) -> ImageInput:
         """The input settings the data plan and the decode stage need."""
         return ImageInput(
-            self.input, self.input_format, self.image_column, resolution, self.max_pixels
+            self.input,
+            self.input_format,
+            self.image_column,
+            resolution,
+            self.max_pixels,
+            self.crop,
+            self.seed,
         )
 
 
@@ -442,7 +461,16 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0 and logger is not None:
         if last_x is not None and not (cfg.recon_every and step % cfg.recon_every == 0):
             _log_recon(logger, ae, last_x, cfg.recon_images, step)
-        _export(logger, ae, config, step)
+        calibration = None
+        if cfg.calibrate_images and ae.align.mode == "running":
+            # Rank 0 alone (its own dataset, encoders only): no collective that could hang.
+            n = min(steps_per_epoch, math.ceil(cfg.calibrate_images / per_worker))
+            it = epoch_batches(shard, per_worker, n, cfg.seed, rank, epoch, 0, SkipCounter(rank))
+            calibration = calibrate_alignment(
+                ae, (to_model_input(b) for b in it), cfg.calibrate_images
+            )
+            print(f"[train-ae] alignment statistics calibrated in eval mode: {calibration}")
+        _export(logger, ae, config, step, calibration)
 
 
 def _log_metrics(
@@ -501,8 +529,15 @@ def _log_recon(logger: Any, ae: SVGAutoencoder, x: torch.Tensor, n: int, step: i
     logger.image(grid.numpy(), f"reconstructions/step_{step:08d}.png")
 
 
-def _export(logger: Any, ae: SVGAutoencoder, config: dict[str, Any], step: int) -> None:
-    """The eval-mode autoencoder to <run>/autoencoder.safetensors and MLflow; registry version."""
+def _export(
+    logger: Any,
+    ae: SVGAutoencoder,
+    config: dict[str, Any],
+    step: int,
+    calibration: dict[str, Any] | None = None,
+) -> None:
+    """The eval-mode autoencoder to <run>/autoencoder.safetensors and MLflow; registry version.
+    ``calibration``: what ``calibrate_alignment`` did, recorded in the file's metadata."""
     from svg_ray import tracking
     from svg_ray.checkpoint import save_autoencoder
 
@@ -511,6 +546,7 @@ def _export(logger: Any, ae: SVGAutoencoder, config: dict[str, Any], step: int) 
         "run_uri": config["run_uri"],
         "step": step,
         "losses": config["losses"],
+        "align_calibration": calibration,
     }
     ae = ae.to("cpu").eval()
     with tempfile.TemporaryDirectory() as d:

@@ -3,7 +3,7 @@
 Each rank reads its own fixed list of inputs as a Ray Dataset named ``train_<rank>`` (the same
 scheme as the latent reader in ``training/data.py``): a folder tree is dealt out file by file
 after a seeded permutation, Parquet files are balanced by row count. Ray Data CPU tasks read,
-decode and ADM-centre-crop (``svg_ray.data.images``); an input that cannot be read or decoded
+decode and crop (``svg_ray.data.images``); an input that cannot be read or decoded
 becomes a row flagged not-ok, which the training loop skips and counts, so one bad file never
 kills a job. ``epoch_batches`` cuts a rank's stream into exactly ``steps_per_epoch`` batches in an
 order that is a function of (seed, epoch, rank), so a resumed run replays the same batches.
@@ -26,7 +26,7 @@ import numpy as np
 from svg_ray import storage
 from svg_ray.config import ConfigError, require
 from svg_ray.data import schema
-from svg_ray.data.images import DEFAULT_MAX_PIXELS, prepare_image
+from svg_ray.data.images import DEFAULT_MAX_PIXELS, Crop, prepare_image
 
 COL_OK = "ok"
 """Decoded-row flag between the decode stage and the training loop (False: skipped input)."""
@@ -48,6 +48,10 @@ class ImageInput:
     """Crop size in pixels."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Inputs with more decoded pixels are skipped (decompression-bomb guard)."""
+    crop: Crop = "center"
+    """'center' (ADM) or 'random' (a window seeded by crop_seed and the image bytes)."""
+    crop_seed: int = 0
+    """Seed of the random crop windows."""
 
 
 @dataclass
@@ -143,8 +147,10 @@ def decode_batch(
     resolution: int,
     max_pixels: int,
     image_column: str,
+    crop: Crop = "center",
+    crop_seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Ray Data stage: file paths (folder) or image bytes (Parquet) -> ADM crops + ok flags.
+    """Ray Data stage: file paths (folder) or image bytes (Parquet) -> crops + ok flags.
 
     Returns image uint8 (n, R, R, 3) (zeros where not ok), ok bool (n,), path and reason strings.
     """
@@ -166,7 +172,7 @@ def decode_batch(
         elif isinstance(data, str):
             res = data
         else:
-            res = prepare_image(bytes(data), resolution, max_pixels)
+            res = prepare_image(bytes(data), resolution, max_pixels, crop, crop_seed)
         if isinstance(res, str):
             reasons[i] = res
         else:
@@ -192,6 +198,8 @@ def rank_datasets(
         resolution=src.resolution,
         max_pixels=src.max_pixels,
         image_column=src.image_column,
+        crop=src.crop,
+        crop_seed=src.crop_seed,
     )
     out = {}
     for r, files in enumerate(plan.files):
