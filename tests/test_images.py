@@ -206,3 +206,19 @@ def test_random_crop_depends_on_seed_and_bytes_only() -> None:
     assert any(not np.array_equal(a, o) for o in others)
     centre = prepare_image(data, RES)  # the default stays the ADM centre crop
     np.testing.assert_array_equal(centre, adm_center_crop_reference(_photo(260, 130), RES))
+
+
+def test_training_decode_stage_passes_the_crop_and_its_seed(tmp_path: Path) -> None:
+    """The autoencoder job's Ray Data stage cuts the same seeded window as prepare_image."""
+    from svg_ray.data import schema
+    from svg_ray.training.image_data import decode_batch
+
+    f = tmp_path / "wide.png"
+    _photo(300, 150).save(f)
+    batch = {schema.COL_PATH: np.array([str(f)], dtype=object)}
+    out = decode_batch(batch, "folder", RES, 10**8, "image", crop="random", crop_seed=5)
+    want = prepare_image(f.read_bytes(), RES, crop="random", seed=5)
+    assert isinstance(want, np.ndarray) and out["ok"].all()
+    np.testing.assert_array_equal(out[schema.COL_IMAGE][0], want)
+    centre = decode_batch(batch, "folder", RES, 10**8, "image")
+    assert not np.array_equal(centre[schema.COL_IMAGE][0], want)  # one of 65 windows

@@ -109,7 +109,8 @@ class SamplerConfig:
     time_shift: float = 0.15
     """s in t_i = f_s(i/N); 1.0 gives a uniform grid."""
     cfg_scale: float = 1.0
-    """Guidance weight w; 1.0 disables guidance (no unconditional pass)."""
+    """Guidance weight w; 1.0 disables guidance (no unconditional pass), except in cfg_star's
+    first k steps (-r v_u, or zero velocity when r = 0)."""
     cfg_mode: str = "constant"
     """How w is applied over the steps: constant, late, linear, early-<x>, cfg_star-<k>-<r> (the
     reference's strings and formulas) or interval (see the module docstring)."""
