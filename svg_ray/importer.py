@@ -49,7 +49,7 @@ from svg_ray.config import require, to_dict
 from svg_ray.data.stats import LatentStats
 from svg_ray.flow import SamplerConfig
 from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder, ae_preset
-from svg_ray.models.dino import is_meta_layout, to_timm_layout
+from svg_ray.models.dino import FrozenDino, classify_rope_periods, is_meta_layout, to_timm_layout
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, dit_config
 from svg_ray.weights import load_state_dict, resolve_asset, sha256_file
 
@@ -65,7 +65,8 @@ AE_DROPPED: dict[str, str] = {
 }
 DINO_DROPPED: dict[str, str] = {
     "mask_token": "DINOv3 pretraining token for masked patches; inference adds 0 * mask_token",
-    "rope_embed.periods": "RoPE periods; timm recomputes them (checked equal before dropping)",
+    "rope_embed.periods": "RoPE periods: no timm tensor; checked to be this arch's (bf16-rounded "
+    "in Meta's releases) and pinned in our DINO's RoPE",
     "blocks.*.attn.qkv.bias_mask": "folded into qkv.bias (Meta's LinearKMaskedBias: bias * mask)",
     "blocks.*.attn.qkv.bias": "only for an arch without qkv bias, when the q and v parts are all "
     "zero (checked); the k part never changes attention",
@@ -254,12 +255,14 @@ def _dropped_reason(key: str, table: dict[str, str]) -> str | None:
 
 
 def dino_to_timm(
-    meta: dict[str, torch.Tensor], model: nn.Module
+    meta: dict[str, torch.Tensor], model: nn.Module, fp32_periods: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Meta-layout DINOv3 tensors -> timm names of ``model``, plus {dropped key: reason}.
 
     Renaming is timm's (``checkpoint_filter_fn``), applied one key at a time so that a key it
-    would silently skip is an error here instead.
+    would silently skip is an error here instead. ``rope_embed.periods`` must be this model's
+    RoPE periods, exact or bf16-rounded (Meta's buffer), against ``fp32_periods`` (default: the
+    model's own, which a fresh timm model holds in fp32); the caller pins them.
     """
     meta = dict(meta)
     dropped: dict[str, str] = {}
@@ -270,16 +273,18 @@ def dino_to_timm(
         dropped["mask_token"] = DINO_DROPPED["mask_token"]
     periods = meta.pop("rope_embed.periods", None)
     if periods is not None:
-        ours = getattr(getattr(model, "rope", None), "periods", None)
-        if (
-            not isinstance(ours, torch.Tensor)
-            or ours.shape != periods.shape
-            or not torch.allclose(ours.float(), periods.float(), rtol=1e-4)
-        ):
+        ref = fp32_periods
+        if ref is None:
+            ref = getattr(getattr(model, "rope", None), "periods", None)
+        if not isinstance(ref, torch.Tensor):
             raise CheckpointError(
-                "DINO rope_embed.periods differ from the RoPE of the configured dino.arch "
-                "(a different DINO architecture?)"
+                "DINO weights have rope_embed.periods but the configured dino.arch has no RoPE "
+                "(a DINOv2 arch for DINOv3 weights?)"
             )
+        try:
+            classify_rope_periods(periods, ref, "DINO rope_embed.periods")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         dropped["rope_embed.periods"] = DINO_DROPPED["rope_embed.periods"]
     for k in [k for k in meta if k.endswith("attn.qkv.bias")]:
         bias = meta[k]
@@ -322,12 +327,15 @@ def dino_to_timm(
 
 
 def _dino_state(
-    sd: dict[str, torch.Tensor], model: nn.Module
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """DINO tensors in ``model``'s timm names, from either layout."""
+    sd: dict[str, torch.Tensor], encoder: FrozenDino
+) -> tuple[dict[str, torch.Tensor], dict[str, str], torch.Tensor | None]:
+    """DINO tensors in the encoder's timm names, from either layout, and the RoPE periods the
+    weights carry (None when they carry none)."""
+    periods = sd.get("rope_embed.periods", sd.get("rope.periods"))
     if is_meta_layout(sd):
-        return dino_to_timm(sd, model)
-    return dict(sd), {}
+        out, dropped = dino_to_timm(sd, encoder.model, encoder.fp32_periods)
+        return out, dropped, periods
+    return {k: v for k, v in sd.items() if k != "rope.periods"}, {}, periods
 
 
 def autoencoder_from_state(
@@ -366,10 +374,17 @@ def autoencoder_from_state(
         what,
         "it is not the architecture of the chosen autoencoder preset",
     )
-    dino_sd, dino_dropped = _dino_state(dino_in, ae.encoder.model) if dino_in else ({}, {})
+    dino_sd, dino_dropped, periods = _dino_state(dino_in, ae.encoder) if dino_in else ({}, {}, None)
     dropped.update({f"encoder.{k}": why for k, why in dino_dropped.items()})
     if dino is not None:
-        given, _ = _dino_state(dino, ae.encoder.model)
+        given, _, given_periods = _dino_state(dino, ae.encoder)
+        if periods is not None and given_periods is not None:
+            if not torch.equal(periods.float(), given_periods.float()):
+                raise CheckpointError(
+                    f"{what} holds DINO RoPE periods that differ from --dino-weights: the "
+                    "autoencoder was trained with other DINO features"
+                )
+        periods = given_periods if given_periods is not None else periods
         if dino_sd:
             diff = sorted(
                 k
@@ -385,6 +400,11 @@ def autoencoder_from_state(
     mapped.update({f"encoder.model.{k}": v for k, v in dino_sd.items()})
     mapped.update({k: own[k] for k in AE_GENERATED})
     load_strict(ae, mapped, what)
+    if periods is not None:
+        try:
+            ae.encoder.use_file_periods(periods, what)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     return ae.eval(), dropped
 
 

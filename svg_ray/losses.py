@@ -1,9 +1,15 @@
 """Stage-1 autoencoder losses: L1 + LPIPS(VGG) + PatchGAN hinge loss with an adaptive weight.
 
-The SVG autoencoder (arXiv 2510.15301, Sec. 2 of docs/svg-method.md) trains its decoder with the
-LDM recipe: pixel L1 + 1.0 x LPIPS(VGG16) + a PatchGAN discriminator (3 layers, ndf 64) under a
-hinge loss, the GAN term scaled by ||grad nll|| / ||grad g|| on the decoder's last layer x 0.5 and
-switched on after ~5k steps. Images everywhere here are (B, 3, H, W) in [-1, 1].
+The SVG autoencoder (arXiv 2510.15301) trains its decoder with the LDM recipe: pixel L1 + 1.0 x
+LPIPS(VGG16) + a PatchGAN discriminator (3 layers, ndf 64) under a hinge loss, the GAN term scaled
+by ||grad nll|| / ||grad g|| on the decoder's last layer x 0.5 (clamped at 1e4) and switched on
+after 2,500 iterations. Images everywhere here are (B, 3, H, W) in [-1, 1].
+
+Scale: the reference (LPIPSWithDiscriminatorDecoder) sums L1 + LPIPS over C x H x W per image and
+divides by the batch, so its reconstruction loss is C*H*W (196,608 at 256px) times the per-element
+mean. ``reduction='sum'`` (the default) computes exactly that scale, so the 1e4 clamp and Adam's
+epsilon act as they do there; ``'mean'`` is the same loss divided by C*H*W, with the clamp
+divided by C*H*W too (Adam's epsilon is then effectively C*H*W times larger).
 
 Nothing is downloaded: the VGG16 trunk comes from a local path or s3:// URI; the five LPIPS linear
 heads are the file the ``lpips`` package ships (its code is not used).
@@ -247,8 +253,18 @@ class AELossConfig:
     """Expected sha256 of lpips_vgg_weights; verified when set."""
     gan_weight: float = 0.5
     """Scale on the adaptive GAN weight (taming's disc_weight); 0 turns the GAN off."""
-    gan_start_step: int = 5001
-    """First step with the GAN terms on (taming's disc_start); earlier steps are L1 + LPIPS."""
+    gan_start_step: int = 2501
+    """First step (iteration) with the GAN terms on; earlier steps are L1 + LPIPS. The
+    reference's disc_start 5001 counts Lightning optimizer steps, two per iteration (generator
+    and discriminator), so its generator first sees the GAN at iteration 2501 (its discriminator
+    first trains at 2500, here at 2501 too)."""
+    reduction: Literal["sum", "mean"] = "sum"
+    """'sum': the reference's scale, L1 + LPIPS summed over C x H x W per image and averaged over
+    the batch (the 1e4 clamp and Adam's epsilon act as in the reference); 'mean': per-element
+    means, the same loss / (C*H*W) with max_gan_weight / (C*H*W) as the clamp (Adam's epsilon
+    then acts C*H*W times larger). Logged 'l1' and 'perceptual' are per-element means either way."""
+    max_gan_weight: float = 1e4
+    """Clamp of the adaptive GAN weight (before gan_weight), in the 'sum' scale (taming's 1e4)."""
     disc_layers: int = 3
     """Conv-BN-LeakyReLU blocks in the PatchGAN discriminator."""
     disc_ndf: int = 64
@@ -266,6 +282,8 @@ class AELossConfig:
             f"ae.lpips_sha256 must be 64 hex digits, got {self.lpips_sha256!r}",
         )
         require(self.gan_start_step >= 0, "ae.gan_start_step must be >= 0")
+        require(self.reduction in ("sum", "mean"), "ae.reduction must be 'sum' or 'mean'")
+        require(self.max_gan_weight > 0, "ae.max_gan_weight must be positive")
         require(self.disc_layers >= 1, "ae.disc_layers must be >= 1")
         require(self.disc_ndf >= 1, "ae.disc_ndf must be >= 1")
 
@@ -314,9 +332,17 @@ class AELoss(nn.Module):
         """Decoder-side loss: l1_w * L1 + p_w * LPIPS (+ adaptive weight * -mean D(recons)).
 
         ``last_layer`` is the decoder's final conv weight, where the GAN gradient is balanced.
-        Images are (B, 3, H, W) in [-1, 1]; returns the scalar loss and float logs.
+        Images are (B, 3, H, W) in [-1, 1]; returns the scalar loss and float logs. With
+        reduction 'sum' the reconstruction terms are C*H*W times their means (the reference's
+        per-image sum, LPIPS broadcast over every pixel and channel as it does).
         """
         cfg = self.cfg
+        elements = inputs[0].numel()  # C * H * W
+        scale, max_weight = (
+            (float(elements), cfg.max_gan_weight)
+            if cfg.reduction == "sum"
+            else (1.0, cfg.max_gan_weight / elements)
+        )
         l1 = (inputs - recons).abs().mean()
         nll = cfg.l1_weight * l1
         terms: dict[str, torch.Tensor] = {"l1": l1}
@@ -324,13 +350,16 @@ class AELoss(nn.Module):
             p = self.perceptual(inputs, recons, reduction="mean")
             nll = nll + cfg.perceptual_weight * p
             terms["perceptual"] = p
+        nll = nll * scale
         loss = nll
         gan_on = self.gan_active(step)
         if gan_on:
             assert self.discriminator is not None
             g = hinge_g_loss(self.discriminator(recons))
             if torch.is_grad_enabled():
-                weight = adaptive_gan_weight(nll, g, last_layer, scale=cfg.gan_weight)
+                weight = adaptive_gan_weight(
+                    nll, g, last_layer, scale=cfg.gan_weight, max_weight=max_weight
+                )
             else:
                 # Evaluation under no_grad: no gradients to balance, so report g but add nothing.
                 weight = torch.zeros((), device=g.device)

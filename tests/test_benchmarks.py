@@ -193,3 +193,29 @@ def test_gpu_benchmark_records_oom_and_goes_on(
     assert m["sample_b1"]["error"] == "out of memory" and "64.00 GiB" in m["sample_b1"]["message"]
     assert m["decoder_flops"]["gflops_per_image"] > 0 and m["train"]["images_per_s"] > 0
     assert r["status"] == "errors in ['sample_b1']"
+
+
+def test_quality_benchmark_smoke_and_skip(tmp_path: Path) -> None:
+    """On a tiny random bundle: the judge is good on held-out real digits (so the metric means
+    something), every setting gets a row, and a missing bundle is a clean skip (exit code 3)."""
+    from test_serve_lib import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    args = ["benchmarks.quality", "--bundle", str(bundle), "--per-class", "8", "--steps", "1", "2"]
+    r, stdout = _run([*args, "--cfg", "1", "3"], tmp_path / "quality.json", timeout=300)
+    assert stdout.strip().splitlines()[-1].startswith("quality: best FD")
+    assert "| Euler steps | CFG |" in stdout
+    base = r["baseline_real_held_out"]
+    assert base["accuracy"] > 0.9 and base["images"] == 80 and base["fd"] > 0
+    assert [(row["steps"], row["cfg_scale"]) for row in r["results"]] == [
+        (1, 1.0), (2, 1.0), (1, 3.0), (2, 3.0),
+    ]  # fmt: skip
+    for row in r["results"]:
+        assert row["images"] == 80 and 0 <= row["accuracy"] <= 1
+        # random weights make no digits: far from the real ones
+        assert row["fd_ratio"] > 2, row
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--bundle", str(tmp_path / "none")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 3 and "make demo" in proc.stdout

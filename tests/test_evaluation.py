@@ -394,7 +394,7 @@ def test_cli_input_errors_are_one_line_user_errors(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # three evaluations: from images, from the npz, paper settings
 def test_generation_fid_and_is_on_ray_workers_to_mlflow(
     ray_session: None,
     mlflow_server: str,
@@ -440,6 +440,17 @@ def test_generation_fid_and_is_on_ray_workers_to_mlflow(
     )
     assert logged["metrics"] == m and logged["mlflow"]["run_id"] == run.info.run_id
     assert (out / "from-images" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # The paper's FID settings by flag: random labels, the reference's cfg_star-1-0 mode.
+    paper = ["--label-mode", "random", "--sampler-cfg-mode", "cfg_star-1-0"]
+    rc = _evaluate(
+        "generation", *common, *paper, "--sampler-cfg-scale", "1.5", "--reference", str(ref_npz),
+        "--name", "paper",
+    )  # fmt: skip
+    assert rc == 0
+    third = _results(out, "paper")
+    assert third["details"]["labels"] == "random (seed 0)"
+    assert third["config"]["sampler"]["cfg_mode"] == "cfg_star-1-0"
+    assert third["metrics"]["fid"] != pytest.approx(m["fid"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from svg_ray.data.images import center_crop_arr, decode_rgb, prepare_image, to_model_input
+from svg_ray.data.images import (
+    center_crop_arr,
+    decode_rgb,
+    prepare_image,
+    random_crop_arr,
+    resize_short_side,
+    to_model_input,
+)
 
 RES = 64
 
@@ -152,3 +159,66 @@ def test_to_model_input_range_and_layout() -> None:
     x = to_model_input(u8)
     assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
     assert x[0, 0].eq(1).all() and x[0, 1].eq(-1).all() and x[1].eq(-1).all()
+
+
+def _find_window(full: np.ndarray, crop: np.ndarray) -> tuple[int, int]:
+    """(y0, x0) where ``crop`` sits in ``full`` (exactly), or fail."""
+    size = crop.shape[0]
+    hits = [
+        (y, x)
+        for y in range(full.shape[0] - size + 1)
+        for x in range(full.shape[1] - size + 1)
+        if np.array_equal(full[y : y + size, x : x + size], crop)
+    ]
+    assert hits, "the random crop is not a window of the resized image"
+    return hits[0]
+
+
+def test_random_crop_is_a_uniform_window_of_the_adm_resize() -> None:
+    """A window of the short-side-RES image (ADM resizing: the centre crop is one of them),
+    anywhere along the long side, never across the short side."""
+    img = _photo(300, 200)  # resized to 96 x 64: windows at x0 in 0..32
+    full = resize_short_side(img, RES)
+    assert full.shape == (RES, 96, 3)
+    np.testing.assert_array_equal(full[:, 16:80], adm_center_crop_reference(img, RES))
+    offsets = []
+    for seed in range(60):
+        crop = random_crop_arr(img, RES, np.random.default_rng(seed))
+        assert crop.shape == (RES, RES, 3) and crop.dtype == np.uint8
+        y0, x0 = _find_window(full, crop)
+        assert y0 == 0
+        offsets.append(x0)
+    assert min(offsets) <= 3 and max(offsets) >= 29 and len(set(offsets)) > 20
+
+
+def test_random_crop_depends_on_seed_and_bytes_only() -> None:
+    """prepare_image(crop='random') cuts the same window for the same (seed, bytes), whatever
+    else happened in between (resumed runs, other workers), and another for another seed."""
+    buf = io.BytesIO()
+    _photo(260, 130).save(buf, format="PNG")
+    data = buf.getvalue()
+    a = prepare_image(data, RES, crop="random", seed=7)
+    np.random.seed(123)  # global numpy state plays no part
+    b = prepare_image(data, RES, crop="random", seed=7)
+    assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+    np.testing.assert_array_equal(a, b)
+    others = [prepare_image(data, RES, crop="random", seed=s) for s in range(8)]
+    assert any(not np.array_equal(a, o) for o in others)
+    centre = prepare_image(data, RES)  # the default stays the ADM centre crop
+    np.testing.assert_array_equal(centre, adm_center_crop_reference(_photo(260, 130), RES))
+
+
+def test_training_decode_stage_passes_the_crop_and_its_seed(tmp_path: Path) -> None:
+    """The autoencoder job's decode stage cuts the same seeded window as prepare_image."""
+    from svg_ray.data import schema
+    from svg_ray.training.image_data import ImageInput, decode_sources
+
+    f = tmp_path / "wide.png"
+    _photo(300, 150).save(f)
+    src = ImageInput(str(tmp_path), resolution=RES, crop="random")
+    out = decode_sources([str(f)], "folder", src, crop_seed=5)
+    want = prepare_image(f.read_bytes(), RES, crop="random", seed=5)
+    assert isinstance(want, np.ndarray) and out["ok"].all()
+    np.testing.assert_array_equal(out[schema.COL_IMAGE][0], want)
+    centre = decode_sources([str(f)], "folder", ImageInput(str(tmp_path), resolution=RES))
+    assert not np.array_equal(centre[schema.COL_IMAGE][0], want)  # one of 65 windows

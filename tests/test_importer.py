@@ -228,9 +228,12 @@ def fill(layout: Layout, seed: int, s: AESizes | None = None) -> dict[str, torch
     for k in sd:
         if k.endswith("num_batches_tracked"):
             sd[k] = torch.tensor(7)
-        elif k.endswith("rope_embed.periods"):  # RopePositionEmbedding._init_weights, base 100
+        elif k.endswith("rope_embed.periods"):
+            # RopePositionEmbedding._init_weights (base 100) in bfloat16, Meta's training dtype;
+            # torch.hub copies them into an fp32 buffer, so the SVG release holds fp32 tensors
+            # with bf16-rounded values (1.3359 where fp32 gives 1.3335).
             n = layout[k][0]
-            sd[k] = 100.0 ** (2 * torch.arange(n, dtype=torch.float32) / (2 * n))
+            sd[k] = (100.0 ** (2 * torch.arange(n, dtype=torch.bfloat16) / (2 * n))).float()
         elif k.endswith("qkv.bias_mask"):  # init_weights_vit: 1, 0 on the k third, 1
             d = layout[k][0] // 3
             sd[k] = torch.cat([torch.ones(d), torch.zeros(d), torch.ones(d)])
@@ -432,10 +435,37 @@ def test_nonzero_qv_bias_needs_the_qkvb_arch() -> None:
         dino_to_timm(sd, model)
 
 
+def test_released_bf16_periods_are_used_and_kept_by_our_checkpoint(tmp_path: Path) -> None:
+    """The release's bf16-rounded periods are accepted (not compared at rtol 1e-4 and refused),
+    computed with, and rebuilt when our own checkpoint of the import is loaded."""
+    from svg_ray.checkpoint import save_autoencoder
+
+    path, sd = debug_release(tmp_path)
+    released = sd["encoder.rope_embed.periods"]
+    fp32 = 100.0 ** (2 * torch.arange(16, dtype=torch.float32) / 32)
+    assert not torch.allclose(released, fp32, rtol=1e-4)  # what the old check refused
+    ae, _ = import_autoencoder(str(path), ae_preset("debug"))
+    assert torch.equal(ae.encoder.model.rope.periods, released)
+    save_autoencoder(ae, str(tmp_path / "ae.safetensors"))
+    again = load_autoencoder(str(tmp_path / "ae.safetensors"))
+    assert torch.equal(again.encoder.model.rope.periods, released)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(images()), ae.encode(images()), rtol=0, atol=0)
+    # fp32 periods in a checkpoint (e.g. a 7B-style export) are used too, and recorded.
+    sd["encoder.rope_embed.periods"] = fp32
+    ae32, _ = autoencoder_from_state(sd, ae_preset("debug"))
+    assert torch.equal(ae32.encoder.model.rope.periods, fp32)
+    assert ae32.cfg.dino.rope_periods == "fp32"
+    sd["encoder.rope_embed.periods"] = fp32 * 1.01
+    with pytest.raises(CheckpointError, match="RoPE periods differ"):
+        autoencoder_from_state(sd, ae_preset("debug"))
+
+
 def test_dino_weights_from_a_separate_file(tmp_path: Path) -> None:
     """Without encoder.* the DINO weights come from --dino-weights; with both they must agree."""
     sd = fill(released_ae_layout(DEBUG), 1, DEBUG)
     dino = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    dino["rope_embed.periods"] = dino["rope_embed.periods"].bfloat16()  # as Meta's .pth has it
     torch.save(dino, tmp_path / "dino.pth")
     no_dino = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
     path = write_lightning_ckpt(tmp_path / "ae.ckpt", no_dino)
@@ -448,6 +478,11 @@ def test_dino_weights_from_a_separate_file(tmp_path: Path) -> None:
     both, _ = debug_release(tmp_path, seed=2)  # its own, different DINO weights
     with pytest.raises(CheckpointError, match="differ from --dino-weights"):
         import_autoencoder(str(both), ae_preset("debug"), dino_weights=str(tmp_path / "dino.pth"))
+    same, _ = debug_release(tmp_path, seed=1)  # equal weights; the DINO file's periods in fp32
+    dino["rope_embed.periods"] = 100.0 ** (2 * torch.arange(16, dtype=torch.float32) / 32)
+    torch.save(dino, tmp_path / "dino32.pth")
+    with pytest.raises(CheckpointError, match="RoPE periods that differ from --dino-weights"):
+        import_autoencoder(str(same), ae_preset("debug"), dino_weights=str(tmp_path / "dino32.pth"))
 
 
 def test_files_needing_pickles_are_refused(tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ def no_lpips_cfg(**kw: object) -> AELossConfig:
     return from_dict(AELossConfig, {"perceptual_weight": 0.0, "gan_start_step": 10, **kw})
 
 
-def test_perceptual_weight_zero_needs_no_vgg_and_l1_is_mean_abs_diff() -> None:
+def test_perceptual_weight_zero_needs_no_vgg_and_l1_is_summed_per_image() -> None:
     loss_fn = AELoss(no_lpips_cfg())  # no lpips_vgg_weights set: must not be needed
     assert loss_fn.perceptual is None
     assert loss_fn.enabled_losses() == ["l1", "patchgan_hinge"]
@@ -233,8 +233,9 @@ def test_perceptual_weight_zero_needs_no_vgg_and_l1_is_mean_abs_diff() -> None:
     recons = dec(torch.randn(2, 4, 32, 32))
     loss, logs = loss_fn.generator_loss(x, recons, step=0, last_layer=dec.conv_out.weight)
     l1 = (x - recons).abs().mean()
-    assert torch.equal(loss, l1)
-    assert logs["l1"] == pytest.approx(l1.item())
+    # The reference's scale: summed over C x H x W per image, averaged over the batch.
+    torch.testing.assert_close(loss, (x - recons).abs().sum() / 2)
+    assert logs["l1"] == pytest.approx(l1.item())  # logged as the per-element mean
     assert logs["perceptual_on"] == 0.0 and "perceptual" not in logs
 
 
@@ -247,7 +248,7 @@ def test_gan_term_is_exactly_off_before_the_start_step_and_on_after() -> None:
 
     recons = dec(z)
     loss, logs = loss_fn.generator_loss(x, recons, step=9, last_layer=dec.conv_out.weight)
-    assert torch.equal(loss, 2.0 * (x - recons).abs().mean())
+    torch.testing.assert_close(loss, 2.0 * (x - recons).abs().sum() / 2)
     assert logs["gan_on"] == 0.0 and "gan_g" not in logs
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())  # the discriminator never ran
@@ -257,13 +258,13 @@ def test_gan_term_is_exactly_off_before_the_start_step_and_on_after() -> None:
     recons = dec(z)
     loss, logs = loss_fn.generator_loss(x, recons, step=10, last_layer=dec.conv_out.weight)
     assert logs["gan_on"] == 1.0
-    nll = 2.0 * (x - recons).abs().mean()
+    nll = 2.0 * (x - recons).abs().sum() / 2
     g = hinge_g_loss(disc(recons))  # train-mode BN: same batch, same logits
     w = adaptive_gan_weight(nll, g, dec.conv_out.weight, scale=0.5)
     torch.testing.assert_close(loss, nll + w * g)
     assert logs["gan_adaptive_weight"] == pytest.approx(w.item(), rel=1e-5)
     assert logs["gan_g"] == pytest.approx(g.item(), rel=1e-5)
-    assert logs["nll"] == pytest.approx(nll.item(), rel=1e-6)
+    assert logs["nll"] == pytest.approx(nll.item(), rel=1e-5)
 
 
 def test_discriminator_loss_is_hinge_on_detached_recons() -> None:
@@ -290,7 +291,8 @@ def test_gan_weight_zero_turns_the_gan_off() -> None:
     x = images(2)
     recons = dec(torch.randn(2, 4, 32, 32))
     loss, logs = loss_fn.generator_loss(x, recons, step=10**6, last_layer=dec.conv_out.weight)
-    assert torch.equal(loss, (x - recons).abs().mean()) and logs["gan_on"] == 0.0
+    torch.testing.assert_close(loss, (x - recons).abs().sum() / 2)
+    assert logs["gan_on"] == 0.0
     assert loss_fn.discriminator_loss(x, recons, step=10**6)[0].item() == 0.0
 
 
@@ -304,7 +306,7 @@ def test_full_loss_with_lpips(vgg_file: Path, lpips_model: LPIPS) -> None:
     loss, logs = loss_fn.generator_loss(x, recons, step=0, last_layer=dec.conv_out.weight)
     p = lpips_model(x, recons, reduction="mean")
     assert logs["perceptual"] == pytest.approx(p.item(), rel=1e-5)
-    assert logs["nll"] == pytest.approx(logs["l1"] + p.item(), rel=1e-5)
+    assert logs["nll"] == pytest.approx(3 * 32 * 32 * (logs["l1"] + p.item()), rel=1e-5)
     assert logs["perceptual_on"] == 1.0 and logs["gan_on"] == 1.0
     loss.backward()
     assert dec.conv_out.weight.grad is not None
@@ -315,6 +317,62 @@ def test_full_loss_with_lpips(vgg_file: Path, lpips_model: LPIPS) -> None:
             x, dec(torch.randn(2, 4, 32, 32)), 0, dec.conv_out.weight
         )
     assert vlogs["gan_adaptive_weight"] == 0.0 and val.item() == pytest.approx(vlogs["nll"])
+
+
+class PixelDiscriminator(nn.Module):
+    """A 1x1-conv 'discriminator' (logit = a . pixel): its gradient has a closed form."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False)
+        self.conv.weight.data.copy_(a.view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def reference_weight_by_hand(
+    x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, a: torch.Tensor
+) -> tuple[float, float, float]:
+    """(nll, g, adaptive weight) of LPIPSWithDiscriminatorDecoder for recons = W z (1x1 conv),
+    logits = a . recons, written out: nll = sum|x - Wz| / B, g = -mean(a . Wz),
+    d nll / dW = -(1/B) sum sign(x - Wz) z^T, d g / dW = -(1/(B h w)) a (sum z)^T,
+    weight = 0.5 clamp(|d nll| / (|d g| + 1e-4), 0, 1e4)."""
+    b, _, h, wd = x.shape
+    r = torch.einsum("oc,bchw->bohw", w, z)
+    sign = torch.sign(x - r)
+    nll = float((x - r).abs().sum() / b)
+    g = float(-torch.einsum("o,bohw->", a, r) / (b * h * wd))
+    grad_nll = -torch.einsum("bohw,bchw->oc", sign, z) / b
+    grad_g = -torch.outer(a, z.sum(dim=(0, 2, 3))) / (b * h * wd)
+    ratio = float(grad_nll.norm() / (grad_g.norm() + 1e-4))
+    return nll, g, 0.5 * min(max(ratio, 0.0), 1e4)
+
+
+@pytest.mark.parametrize("a_scale", [1.0, 1e-7])  # 1e-7: the 1e4 clamp binds
+def test_adaptive_weight_in_the_reference_scale_by_hand(a_scale: float) -> None:
+    g_ = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 8, 8, generator=g_) * 2 - 1
+    z = torch.randn(2, 4, 8, 8, generator=g_)
+    w = torch.randn(3, 4, generator=g_) * 0.3
+    a = torch.tensor([0.7, -0.2, 0.4]) * a_scale
+    nll, g, weight = reference_weight_by_hand(x, z, w, a)
+    assert (weight == 0.5e4) == (a_scale < 1)
+    losses = {}
+    for reduction in ("sum", "mean"):
+        loss_fn = AELoss(no_lpips_cfg(gan_start_step=0, reduction=reduction))
+        loss_fn.discriminator = PixelDiscriminator(a)
+        dec = nn.Conv2d(4, 3, 1, bias=False)
+        dec.weight.data.copy_(w.view(3, 4, 1, 1))
+        loss, logs = loss_fn.generator_loss(x, dec(z), step=0, last_layer=dec.weight)
+        losses[reduction] = loss
+        chw = 3 * 8 * 8
+        div = 1.0 if reduction == "sum" else chw  # 'mean': the same loss / (C*H*W)
+        assert logs["nll"] == pytest.approx(nll / div, rel=1e-5)
+        assert logs["gan_g"] == pytest.approx(g, rel=1e-5)
+        assert logs["gan_adaptive_weight"] == pytest.approx(weight / div, rel=1e-5)
+        assert loss.item() == pytest.approx((nll + weight * g) / div, rel=1e-5)
+    torch.testing.assert_close(losses["mean"] * 3 * 8 * 8, losses["sum"])
 
 
 def test_lpips_on_without_weights_names_the_option() -> None:
@@ -330,6 +388,8 @@ def test_lpips_on_without_weights_names_the_option() -> None:
         {"l1_weight": 0.0, "perceptual_weight": 0.0},
         {"lpips_sha256": "abc"},
         {"gan_start_step": -1},
+        {"reduction": "avg"},
+        {"max_gan_weight": 0.0},
         {"disc_layers": 0},
         {"unknown_key": 1},
     ],

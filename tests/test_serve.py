@@ -130,6 +130,10 @@ def test_golden_path(service: Service) -> None:
     )
     assert r.status == 200 and r.json()["settings"]["cfg_interval"] == [0.1, 0.9]
 
+    # the reference's CFG modes, verbatim
+    r = http(service.base + "/v1/generate", {"labels": [1], "steps": 2, "cfg_mode": "cfg_star-1-0"})
+    assert r.status == 200 and r.json()["settings"]["cfg_mode"] == "cfg_star-1-0"
+
 
 @pytest.mark.timeout(120)
 def test_same_request_same_bytes(service: Service) -> None:

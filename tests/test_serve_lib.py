@@ -91,6 +91,14 @@ BAD_REQUESTS: list[tuple[bytes, int, str]] = [
     (b'{"labels": [1], "cfg_interval": [0, 1, 2]}', 422, "cfg_interval"),
     (b'{"labels": [1], "cfg_interval": [-0.5, 1]}', 422, "cfg_interval"),
     (b'{"labels": [1], "cfg_interval": "all"}', 422, "cfg_interval"),
+    (b'{"labels": [1], "cfg_mode": "sometimes"}', 422, "cfg_mode"),
+    (b'{"labels": [1], "cfg_mode": "early-2"}', 422, "cfg_mode"),
+    (b'{"labels": [1], "cfg_mode": "cfg_star-1"}', 422, "cfg_mode"),
+    (b'{"labels": [1], "cfg_mode": "cfg_star-101-0"}', 422, "cfg_mode"),  # k > max_steps
+    (b'{"labels": [1], "cfg_mode": "cfg_star-1-21"}', 422, "cfg_mode"),  # r > max_cfg_scale
+    (b'{"labels": [1], "cfg_mode": 3}', 422, "cfg_mode"),
+    (json.dumps({"labels": [1], "cfg_mode": "early-" + "1" * 60}).encode(), 422, "cfg_mode"),
+    (b'{"labels": [1], "cfg_mode": "late", "cfg_interval": [0.1, 0.9]}', 422, "cfg_interval"),
     (b'{"labels": [1], "sampler": "dpm"}', 422, "sampler"),
     (b'{"labels": [1], "sampler": 1}', 422, "sampler"),
     (b'{"labels": [1], "format": "gif"}', 422, "format"),
@@ -145,6 +153,15 @@ def test_request_values_override_defaults(limits: Limits) -> None:
     assert job.sampler.cfg_scale == 1.0 and job.sampler.cfg_interval == (0.2, 0.8)
     assert job.seeds == (MAX_SEED, 0)  # wraps, stays in range
     assert job.output == "png"
+
+
+def test_reference_cfg_modes_are_accepted_verbatim(limits: Limits) -> None:
+    for mode in ("constant", "late", "linear", "early-0.3", "cfg_star-1-0", "interval"):
+        job = parse_generate(json.dumps({"labels": [1], "cfg_mode": mode}).encode(), limits)
+        assert job.sampler.cfg_mode == mode and job.settings()["cfg_mode"] == mode
+    plain = parse_generate(b'{"labels": [1]}', limits)
+    star = parse_generate(b'{"labels": [1], "cfg_mode": "cfg_star-1-0"}', limits)
+    assert plain.batch_key() != star.batch_key()  # never batched together
 
 
 def test_missing_seed_is_chosen_and_in_range(limits: Limits) -> None:

@@ -7,6 +7,7 @@ adaptive-weight and discriminator terms all run.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from svg_ray.training.common import RunSettings
 from svg_ray.training.image_data import (
     ImageInput,
     ImageStream,
-    decode_batch,
+    decode_sources,
     fill_bad_rows,
     plan_images,
     probe_decodable,
@@ -172,7 +173,8 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     assert len(versions) == 1 and versions[0].source.endswith("/autoencoder")
 
     # The exported autoencoder: eval mode, running alignment statistics tracked over all 25
-    # steps (averaged over both ranks), loadable on its own.
+    # steps (averaged over both ranks), then re-estimated in eval mode on centre crops of up to
+    # calibrate_images images (recorded in the metadata); loadable on its own.
     uri = summary.autoencoder
     assert uri == f"{store}/e2e/autoencoder.safetensors"
     ae = load_autoencoder(uri)
@@ -180,8 +182,12 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     assert int(ae.align.num_batches_tracked) == 25
     assert not torch.allclose(ae.align.running_stats, torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert '"step": 25' in read_metadata(uri)["extra"]
+    calibration = json.loads(read_metadata(uri)["extra"])["align_calibration"]
+    assert calibration["images"] == 200  # one pass over the 202 inputs in batches of 4
+    assert ae.align.running_stats.tolist() == pytest.approx(calibration["after"], rel=1e-6)
     state = _final_state(f"{store}/e2e")
-    assert torch.equal(state["ae"]["align.running_stats"], ae.align.running_stats)
+    before = state["ae"]["align.running_stats"].tolist()
+    assert before == pytest.approx(calibration["before"], rel=1e-6)  # the training EMA
     with torch.no_grad():
         x = torch.zeros(2, 3, 64, 64)
         assert ae(x).shape == x.shape
@@ -265,20 +271,25 @@ def test_bad_rows_are_replaced_within_their_batch() -> None:
         )
 
 
-def test_decode_batch_flags_bad_inputs_instead_of_failing(digits: str) -> None:
+def test_decode_flags_bad_inputs_instead_of_failing(digits: str, tmp_path: Path) -> None:
+    from svg_ray.data import inputs
+
     files = sorted(Path(digits).glob("*/*.png"))[:2]
     good = files[0].read_bytes()
-    batch = {
-        "path": np.array(["a", "b", "c", "d"], dtype=object),
-        "img": np.array([good, {"bytes": good, "path": "x"}, b"junk", None], dtype=object),
-    }
-    out = decode_batch(batch, "parquet", 32, 10**8, "img")
-    assert out["ok"].tolist() == [True, True, False, False]
-    assert out["image"].shape == (4, 32, 32, 3) and out["image"].dtype == np.uint8
-    assert "not an image" in out["reason"][2] and "null" in out["reason"][3]
-    folder = {"path": np.array([str(files[1]), str(Path(digits) / "missing.png")], dtype=object)}
-    out = decode_batch(folder, "folder", 64, 10**8, "image")
-    assert out["ok"].tolist() == [True, False] and "unreadable" in out["reason"][1]
+    raw = [good, {"bytes": good, "path": "x"}, b"junk", None]  # as Parquet cells hold them
+    out = [inputs.decode(v, 32, 10**8) for v in raw]
+    assert [isinstance(o, np.ndarray) and o.shape == (32, 32, 3) for o in out] == [
+        True, True, False, False,
+    ]  # fmt: skip
+    assert "not an image" in str(out[2]) and "null" in str(out[3])
+    _write_parquet(str(tmp_path / "p.parquet"), [good, b"junk"])
+    src = ImageInput(str(tmp_path), resolution=32, image_column="img")
+    rows = decode_sources([[str(tmp_path / "p.parquet"), r] for r in (0, 1)], "parquet", src)
+    assert rows["ok"].tolist() == [True, False] and "not an image" in rows["reason"][1]
+    folder = [str(files[1]), str(Path(digits) / "missing.png")]
+    rows = decode_sources(folder, "folder", ImageInput(digits, resolution=64))
+    assert rows["ok"].tolist() == [True, False] and "unreadable" in rows["reason"][1]
+    assert rows["image"].shape == (2, 64, 64, 3) and rows["image"].dtype == np.uint8
 
 
 def test_config_objects_reject_unknown_keys_and_wrong_types() -> None:

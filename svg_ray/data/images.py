@@ -1,4 +1,4 @@
-"""Image bytes -> RGB uint8 -> ADM centre crop, robust to the bad files real datasets contain.
+"""Image bytes -> RGB uint8 -> ADM centre crop (or a seeded random crop), robust to bad files.
 
 Every failure becomes a *reason string*, never an exception that escapes: a dataset job must not
 die on one corrupt file, and every skipped file must be listed with why (the manifest does that).
@@ -6,13 +6,20 @@ die on one corrupt file, and every skipped file must be listed with why (the man
 Preprocessing is the ADM/DiT ``center_crop_arr`` (openai/guided-diffusion
 ``image_datasets.py``, copied by facebookresearch/DiT ``train.py``): halve with a BOX filter while
 the short side is at least twice the target, BICUBIC-resize so the short side equals the target,
-then crop the centre square. SVG trains on exactly this crop (svg-method.md, Sec. 3).
+then crop the centre square. SVG's diffusion stage trains on exactly this crop.
+
+The reference autoencoder trains on a random square of the short-side-resized image (taming's
+ImagePaths: SmallestMaxSize then RandomCrop). ``random_crop_arr`` resizes the same way as the
+centre crop and picks the window from a generator; ``crop_rng`` derives that generator from a
+seed and the image bytes, so a resumed run (or another worker) cuts the same window.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
+from typing import Literal
 
 import numpy as np
 import torch
@@ -81,6 +88,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+Crop = Literal["center", "random"]
+
+
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     """ADM centre crop: RGB PIL image -> uint8 array (size, size, 3).
 
@@ -89,6 +99,31 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     central square, so this changes at most the sub-pixel alignment of the halving steps, and
     without it a 5x100000 strip would be upscaled to billions of pixels.
     """
+    arr = resize_short_side(img, size)
+    y0 = (arr.shape[0] - size) // 2
+    x0 = (arr.shape[1] - size) // 2
+    return np.ascontiguousarray(arr[y0 : y0 + size, x0 : x0 + size])
+
+
+def random_crop_arr(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly placed (size, size) window of the short-side-``size`` image (the reference
+    autoencoder's training crop); uint8 (size, size, 3). Resizing as ``center_crop_arr``."""
+    arr = resize_short_side(img, size)
+    y0 = int(rng.integers(0, arr.shape[0] - size + 1))
+    x0 = int(rng.integers(0, arr.shape[1] - size + 1))
+    return np.ascontiguousarray(arr[y0 : y0 + size, x0 : x0 + size])
+
+
+def crop_rng(seed: int, data: bytes) -> np.random.Generator:
+    """The crop generator of one image: a function of the run's seed and the image bytes only
+    (not of file order, worker or batch), so every pass with this seed cuts the same window."""
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+
+
+def resize_short_side(img: Image.Image, size: int) -> np.ndarray:
+    """ADM resize: BOX-halve while the short side is >= 2 * size, BICUBIC to short side
+    ``size``; uint8 (H, W, 3) with min(H, W) == size (long side pre-cropped to MAX_ASPECT x)."""
     w, h = img.size
     if max(w, h) > MAX_ASPECT * min(w, h):
         keep = int(MAX_ASPECT * min(w, h))
@@ -99,21 +134,29 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     scale = size / min(*img.size)
     target = (round(img.width * scale), round(img.height * scale))
     img = img.resize(target, resample=Image.Resampling.BICUBIC)
-    arr = np.asarray(img)
-    y0 = (arr.shape[0] - size) // 2
-    x0 = (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[y0 : y0 + size, x0 : x0 + size])
+    return np.asarray(img)
 
 
 def prepare_image(
-    data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    resolution: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    crop: Crop = "center",
+    seed: int = 0,
 ) -> np.ndarray | str:
-    """Image bytes -> ADM-cropped uint8 (resolution, resolution, 3), or a reason string."""
+    """Image bytes -> cropped uint8 (resolution, resolution, 3), or a reason string.
+
+    ``crop='center'``: the ADM centre crop; ``'random'``: ``random_crop_arr`` with the window
+    drawn from ``crop_rng(seed, data)``.
+    """
     img = decode_rgb(data, max_pixels)
     if isinstance(img, str):
         return img
     try:
-        arr = center_crop_arr(img, resolution)
+        if crop == "random":
+            arr = random_crop_arr(img, resolution, crop_rng(seed, data))
+        else:
+            arr = center_crop_arr(img, resolution)
     except Exception as e:  # e.g. MemoryError on a pathological size: skip, do not die
         return f"resize failed: {type(e).__name__}: {e}"
     if arr.shape != (resolution, resolution, 3):

@@ -13,8 +13,8 @@ only, never image bytes. Reading goes through ``storage.retrying``: throttling, 
 connections are retried and, if they persist, raise ``StorageUnavailableError`` and fail the
 task; only an input that is *missing* (deleted after planning) or *undecodable* becomes a skip
 reason, which every job counts and lists. Decoding is ``data/images.prepare_image`` (the ADM
-centre crop), in two Ray Data shapes: ``DecodeChunk`` (one row per chunk, precompute and
-evaluation) and ``decode_batch`` (one row per image, autoencoder training).
+centre crop, or a seeded random crop), one row per chunk in ``DecodeChunk`` (precompute and
+evaluation) and one row per image in the autoencoder job's stage (``training/image_data``).
 
 Errors name the caller's own option (``option="--data"``), so no job rewrites another's messages.
 """
@@ -39,14 +39,14 @@ import pyarrow.parquet as pq
 from svg_ray import storage
 from svg_ray.config import ConfigError
 from svg_ray.data import schema
-from svg_ray.data.images import prepare_image
+from svg_ray.data.images import Crop, prepare_image
 
 log = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("auto", "folder", "parquet")
 """Values of every job's --input-format."""
 COL_OK = "ok"
-"""Per-image decode flag of ``decode_batch`` (False: skipped input)."""
+"""Per-image decode flag of a decoded batch (False: skipped input)."""
 COL_REASON = "reason"
 """Why an input was skipped ('' when ok)."""
 NULL_REASON = "no image bytes (null)"
@@ -343,15 +343,18 @@ def fetch(
 # --------------------------------------------------------------------------------------------
 
 
-def decode(data: Any, resolution: int, max_pixels: int) -> np.ndarray | str:
-    """Raw input (bytes, HF struct, reason string or None) -> ADM crop, or why it is skipped."""
+def decode(
+    data: Any, resolution: int, max_pixels: int, crop: Crop = "center", seed: int = 0
+) -> np.ndarray | str:
+    """Raw input (bytes, HF struct, reason string or None) -> crop, or why it is skipped
+    (``crop``/``seed``: see ``images.prepare_image``)."""
     if isinstance(data, dict):  # Hugging Face datasets store {"bytes": ..., "path": ...}
         data = data.get("bytes")
     if data is None:
         return NULL_REASON
     if isinstance(data, str):
         return data
-    return prepare_image(bytes(data), resolution, max_pixels)
+    return prepare_image(bytes(data), resolution, max_pixels, crop, seed)
 
 
 def one(batch: dict[str, np.ndarray], key: str) -> Any:
@@ -399,43 +402,6 @@ class DecodeChunk:
             "skipped": np.array([json.dumps(skipped)]),
             "decode_s": np.array([time.perf_counter() - t0]),
         }
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    source_format: str,
-    resolution: int,
-    max_pixels: int,
-    image_column: str,
-) -> dict[str, np.ndarray]:
-    """Ray Data stage (tasks): file paths (folder) or image bytes (Parquet) -> ADM crops + flags.
-
-    Returns image uint8 (n, R, R, 3) (zeros where not ok), ok bool (n,), path and reason strings.
-    """
-    paths = [str(p) for p in batch[schema.COL_PATH]]
-    raw: list[Any]
-    if source_format == "folder":
-        with ThreadPoolExecutor(8) as pool:  # S3 GETs are latency-bound: overlap them
-            raw = list(pool.map(read_file, paths))
-    else:
-        raw = list(batch[image_column])
-    n = len(paths)
-    images = np.zeros((n, resolution, resolution, 3), np.uint8)
-    ok = np.zeros(n, bool)
-    reasons = [""] * n
-    for i, data in enumerate(raw):
-        res = decode(data, resolution, max_pixels)
-        if isinstance(res, str):
-            reasons[i] = res
-        else:
-            images[i] = res
-            ok[i] = True
-    return {
-        schema.COL_IMAGE: images,
-        COL_OK: ok,
-        schema.COL_PATH: np.array(paths, dtype=object),
-        COL_REASON: np.array(reasons, dtype=object),
-    }
 
 
 def _head_rows(uri: str, column: str, n: int) -> list[Any]:

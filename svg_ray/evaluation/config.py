@@ -100,9 +100,12 @@ class GenerationEval:
     """Reference: an .npz with mu/sigma (2048-d Inception pool), or real images (folder tree
     <root>/<class>/<image> or Parquet)."""
     num_images: int = 50_000
-    """Images to generate; labels cycle through the classes (index % classes)."""
+    """Images to generate."""
     seed: int = 0
     """Image i uses noise seed (seed << 32) + i: deterministic per image."""
+    label_mode: Literal["cycle", "random"] = "cycle"
+    """Class of image i: 'cycle' (i % classes, every class equally often) or 'random' (uniform
+    draws fixed by --seed and i, as the reference's FID script samples labels)."""
     is_splits: int = 10
     """Inception Score splits (torch-fidelity's default)."""
     reference_format: InputFormat = "auto"
@@ -125,6 +128,10 @@ class GenerationEval:
         )
         require(self.num_images >= 2, f"eval.num_images must be >= 2, got {self.num_images}")
         require(0 <= self.seed < 2**31, f"eval.seed must be in [0, 2**31), got {self.seed}")
+        require(
+            self.label_mode in ("cycle", "random"),
+            f"eval.label_mode must be 'cycle' or 'random', got {self.label_mode!r}",
+        )
         require(self.is_splits >= 1, "eval.is_splits must be >= 1")
         require(
             self.num_images >= self.is_splits,

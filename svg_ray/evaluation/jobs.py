@@ -320,6 +320,7 @@ def evaluate_generation(
         "inception_sha256": incep.inception_sha256,
         "seed": cfg.seed,
         "preview": cfg.preview,
+        "label_mode": cfg.label_mode,
     }
     moments = FeatureMoments.zeros(POOL_DIM)
     isc = InceptionScoreAccumulator(n, LOGIT_DIM, cfg.is_splits)
@@ -353,7 +354,7 @@ def evaluate_generation(
         "inception": inception_details(incep, sha),
         "inception_score_splits": isc.scores().tolist(),
         "classes": len(meta["class_names"]),
-        "labels": "index % classes",
+        "labels": "index % classes" if cfg.label_mode == "cycle" else f"random (seed {cfg.seed})",
         "bundle_step": int(meta.get("step", 0)),
         "seconds_reference": round(t_ref, 3),
         "workers": run.workers,

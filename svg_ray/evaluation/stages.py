@@ -29,6 +29,7 @@ __all__ = [
     "GenerateFeatures",
     "ImageFeatures",
     "ReconstructFeatures",
+    "generation_labels",
     "generation_spec",
     "noise_seed",
     "one",
@@ -41,6 +42,16 @@ POOL_DIM = 2048
 def noise_seed(seed: int, index: int) -> int:
     """Noise seed of generated image ``index``: (seed << 32) + index, disjoint across seeds."""
     return (seed << 32) + index
+
+
+def generation_labels(indices: np.ndarray, num_classes: int, mode: str, seed: int) -> np.ndarray:
+    """Class of each generated image: index % classes ('cycle') or a uniform draw fixed by
+    (seed, index) ('random'), the same whatever the chunking or the number of workers."""
+    if mode == "cycle":
+        return indices % num_classes
+    # One stream per seed, read at the image indices (its own stream: the noise seeds are apart).
+    draws = np.random.default_rng([seed, 0x1ABE1]).integers(0, num_classes, int(indices.max()) + 1)
+    return draws[indices]
 
 
 def generation_spec(chunk: int, start: int, count: int) -> str:
@@ -77,6 +88,7 @@ class GenerateFeatures:
         batch_size: int,
         device: str,
         threads: int,
+        label_mode: str = "cycle",
     ) -> None:
         """Load the bundle (EMA DiT + autoencoder) and the Inception network once."""
         from svg_ray.checkpoint import load_bundle
@@ -92,6 +104,7 @@ class GenerateFeatures:
         self.seed = seed
         self.preview = preview
         self.batch_size = batch_size
+        self.label_mode = label_mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Chunk spec -> indices (n,), pool (n, 2048), logits (n, 1008), a few preview images."""
@@ -103,7 +116,9 @@ class GenerateFeatures:
         pools, logits, shown = [], [], []
         for i in range(0, len(indices), self.batch_size):
             idx = indices[i : i + self.batch_size]
-            labels = torch.as_tensor(idx % self.num_classes)
+            labels = torch.as_tensor(
+                generation_labels(idx, self.num_classes, self.label_mode, self.seed)
+            )
             seeds = [noise_seed(self.seed, int(j)) for j in idx]
             images = generate(self.dit, self.ae, self.stats, labels, seeds, self.sampler)
             u8 = to_uint8(images)  # (B, H, W, 3): exactly what a saved PNG would hold

@@ -6,7 +6,14 @@ x_t = (1 - t) * eps + t * x, and the velocity target is v = x - eps (integrate t
 
 from svg_ray.flow.loss import FlowLoss
 from svg_ray.flow.path import interpolate, shift_time, velocity_target
-from svg_ray.flow.samplers import CFGMode, SamplerConfig, SamplerKind, sample, time_grid
+from svg_ray.flow.samplers import (
+    CFGMode,
+    SamplerConfig,
+    SamplerKind,
+    parse_cfg_mode,
+    sample,
+    time_grid,
+)
 
 __all__ = [
     "CFGMode",
@@ -14,6 +21,7 @@ __all__ = [
     "SamplerConfig",
     "SamplerKind",
     "interpolate",
+    "parse_cfg_mode",
     "sample",
     "shift_time",
     "time_grid",

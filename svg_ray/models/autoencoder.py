@@ -7,13 +7,14 @@ reference's issues.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from svg_ray.config import from_dict, require, to_dict
+from svg_ray.config import ConfigError, from_dict, require, to_dict
 from svg_ray.models.decoder import Decoder, DecoderConfig
 from svg_ray.models.dino import DinoConfig, FrozenDino
 from svg_ray.models.residual import DistributionAlignment, ResidualConfig, ResidualEncoder
@@ -131,3 +132,72 @@ class SVGAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruct images."""
         return self.decode(self.encode(images))
+
+
+class _ChannelMoments:
+    """Per-channel sums over (batch, tokens) in float64, for pooled mean and unbiased std."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in a (B, C, N) map."""
+        x = x.detach().double()
+        s1, s2 = x.sum(dim=(0, 2)), (x * x).sum(dim=(0, 2))
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += x.shape[0] * x.shape[2]
+
+    def stats(self) -> tuple[float, float]:
+        """(mean over channels of the per-channel mean, same of the per-channel std)."""
+        assert self.s1 is not None and self.s2 is not None and self.n > 1
+        mean = self.s1 / self.n
+        var = (self.s2 - self.n * mean * mean).clamp_min(0) / (self.n - 1)
+        return float(mean.mean()), float(var.sqrt().mean())
+
+
+@torch.no_grad()
+def calibrate_alignment(
+    ae: SVGAutoencoder, batches: Iterable[torch.Tensor], max_images: int = 4096
+) -> dict[str, Any]:
+    """Set the running alignment statistics to their eval-mode values over ``batches``.
+
+    Training tracks them as an EMA of batch statistics in train mode, i.e. with residual dropout
+    and ~mask_prob of the residual maps replaced by the mask token; latents are made in eval mode
+    with neither. This pass runs the encoders in eval mode over at most ``max_images`` images
+    ([-1, 1] tensors (B, 3, H, W)) and sets (mu_dino, sigma_dino, mu_res, sigma_res) to the
+    statistics of all of them pooled (what 'batch' alignment computes on one batch of them all).
+    Returns {"images", "before", "after", "relative_change"}; the model's train/eval mode is
+    restored.
+    """
+    if ae.align.mode != "running":
+        raise ConfigError(
+            f"only 'running' alignment has statistics to calibrate, not {ae.align.mode!r}"
+        )
+    was_training = ae.training
+    ae.eval()
+    device = ae.img_mean.device
+    dino, res = _ChannelMoments(), _ChannelMoments()
+    seen = 0
+    try:
+        for batch in batches:
+            x = batch[: max_images - seen].to(device, torch.float32)
+            xn = ae.normalize(x)
+            dino.add(ae.encoder(xn).transpose(1, 2))  # (B, C_d, N)
+            res.add(ae.extra_vit(xn))  # (B, C_r, N)
+            seen += x.shape[0]
+            if seen >= max_images:
+                break
+    finally:
+        ae.train(was_training)
+    if seen < 2:
+        raise ConfigError(f"alignment calibration needs at least 2 images, got {seen}")
+    before = ae.align.running_stats.tolist()
+    after = [*dino.stats(), *res.stats()]
+    ae.align.running_stats.copy_(torch.tensor(after, dtype=ae.align.running_stats.dtype))
+    # Tracked from now on: a later training step continues the average instead of restarting.
+    ae.align.num_batches_tracked.clamp_(min=1)
+    change = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(after, before, strict=True)]
+    return {"images": seen, "before": before, "after": after, "relative_change": change}

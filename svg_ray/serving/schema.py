@@ -8,13 +8,14 @@ the server's limits and the model's class count in the pydantic context.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from svg_ray.flow.samplers import SamplerConfig
+from svg_ray.flow.samplers import CFG_MODE_FORMS, CFGMode, SamplerConfig, parse_cfg_mode
 from svg_ray.serving.config import ServerConfig
 
 MAX_SEED = 2**32 - 1
@@ -61,6 +62,7 @@ class GenerateRequest(BaseModel):
     steps: int | None = None
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
+    cfg_mode: str | None = None
     sampler: Literal["euler", "heun"] | None = None
     seed: int | None = None
     format: Literal["json", "png"] = "json"
@@ -121,6 +123,24 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(v)}")
         return v
 
+    @field_validator("cfg_mode")
+    @classmethod
+    def _cfg_mode(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        lim = _limits(info)
+        if len(v) > 40:
+            raise ValueError(f"at most 40 characters, got {len(v)}")
+        try:
+            sch = parse_cfg_mode(v)
+        except ValueError:
+            raise ValueError(f"must be one of {CFG_MODE_FORMS}, got {v!r}") from None
+        if sch.skip > lim.server.max_steps:
+            raise ValueError(f"k in cfg_star-<k>-<r> must be at most {lim.server.max_steps}")
+        if sch.ratio > lim.server.max_cfg_scale:
+            raise ValueError(f"r in cfg_star-<k>-<r> must be at most {lim.server.max_cfg_scale}")
+        return v
+
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int | None) -> int | None:
@@ -152,6 +172,7 @@ class GenerationJob:
             "sampler": s.kind,
             "cfg_scale": s.cfg_scale,
             "cfg_interval": list(s.cfg_interval),
+            "cfg_mode": s.cfg_mode,
             "time_shift": s.time_shift,
         }
 
@@ -195,6 +216,10 @@ def parse_generate(raw: bytes, limits: Limits) -> GenerationJob:
         raise RequestError(
             422, [{"field": "count", "message": "count goes with label; labels sets the count"}]
         )
+    if req.cfg_mode not in (None, CFGMode.INTERVAL.value) and req.cfg_interval is not None:
+        raise RequestError(
+            422, [{"field": "cfg_interval", "message": "goes with cfg_mode 'interval' only"}]
+        )
     if req.labels is not None:
         labels = req.labels
     elif req.label is not None:
@@ -207,6 +232,8 @@ def parse_generate(raw: bytes, limits: Limits) -> GenerationJob:
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
     try:
         sampler = server.sampler_config(req.steps, req.sampler, req.cfg_scale, req.cfg_interval)
+        if req.cfg_mode is not None:  # the server's default is 'interval' (0, 1) = constant
+            sampler = dataclasses.replace(sampler, cfg_mode=req.cfg_mode)
     except ValueError as e:  # SamplerConfig's own checks; the field checks above cover them
         raise RequestError(422, [{"field": "body", "message": str(e)}]) from None
     return GenerationJob(

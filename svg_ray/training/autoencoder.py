@@ -32,7 +32,12 @@ from svg_ray.config import ConfigError, require, to_dict
 from svg_ray.data import schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
 from svg_ray.losses import AELoss, AELossConfig
-from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder, ae_preset
+from svg_ray.models.autoencoder import (
+    AutoencoderConfig,
+    SVGAutoencoder,
+    ae_preset,
+    calibrate_alignment,
+)
 from svg_ray.training.common import RunSettings, TrainConfig
 from svg_ray.training.image_data import (
     ImageInput,
@@ -95,10 +100,18 @@ class AETrainConfig(TrainConfig):
     """CPUs per Ray Data decode task."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more decoded pixels (W*H) are skipped (decompression-bomb guard)."""
+    crop: Literal["random", "center"] = "random"
+    """'random': a window of the short-side-resized image, as the reference AE trains (a new
+    window every epoch, fixed by --seed, the epoch and the image, so a resumed run sees the same
+    crops); 'center': the ADM crop that precompute and evaluation use."""
     recon_every: int = 1000
     """Log a reconstruction grid (inputs over reconstructions) every N steps; 0: only at the end."""
     recon_images: int = 8
     """Images in a reconstruction grid (from rank 0's current batch)."""
+    calibrate_images: int = 4096
+    """'running' alignment: before export, rank 0 re-estimates the statistics in eval mode (no
+    dropout, no mask tokens) on up to this many centre-cropped images, as precompute will see
+    them; 0 keeps the training EMA."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +127,7 @@ class AETrainConfig(TrainConfig):
         require(self.max_pixels >= 1, "train.max_pixels must be >= 1")
         require(self.recon_images >= 1, "train.recon_images must be >= 1")
         require(self.recon_every >= 0, "train.recon_every must be >= 0")
+        require(self.calibrate_images >= 0, "train.calibrate_images must be >= 0")
 
     def autoencoder_config(self) -> AutoencoderConfig:
         """The preset with this run's resolution and DINO weights (validated on construction)."""
@@ -131,7 +145,7 @@ class AETrainConfig(TrainConfig):
     def image_input(self, resolution: int) -> ImageInput:
         """The input settings the data plan and the decode stage need."""
         return ImageInput(
-            self.input, self.input_format, self.image_column, resolution, self.max_pixels
+            self.input, self.input_format, self.image_column, resolution, self.max_pixels, self.crop
         )
 
 
@@ -442,8 +456,27 @@ class AutoencoderTask(TrainTask):
             _log_recon(logger, self.parts.ae, self.last_x, self.cfg.recon_images, step)
 
     def export(self, logger: Any, step: int) -> None:
-        """The eval-mode autoencoder to storage and MLflow; a registry version if asked."""
-        _export(logger, self.parts.ae, self.run, self.spec.losses, step)
+        """Calibrate the alignment statistics, then write the eval-mode autoencoder to storage
+        and MLflow; a registry version if asked."""
+        calibration = self._calibrate()
+        _export(logger, self.parts.ae, self.run, self.spec.losses, step, calibration)
+
+    def _calibrate(self) -> dict[str, Any] | None:
+        """The running alignment statistics re-estimated in eval mode (rank 0 alone: no
+        collective that could hang after the loop) on centre crops, as precompute sees them."""
+        ae, n = self.parts.ae, self.cfg.calibrate_images
+        if not n or ae.align.mode != "running":
+            return None
+        images = dataclasses.replace(self.stream.src, crop="center")
+        stream = ImageStream(
+            images, self.stream.plan, rank=0, world=1, batch_size=self.per_worker,
+            seed=self.cfg.seed, decode_batch=self.cfg.decode_batch,
+            decode_cpus=self.cfg.decode_cpus,
+        )  # fmt: skip
+        batches = (to_model_input(b).to(self.ctx.device) for b in stream.epoch(0))
+        calibration = calibrate_alignment(ae, batches, n)
+        print(f"[train-ae] alignment statistics calibrated in eval mode: {calibration}")
+        return calibration
 
 
 @torch.no_grad()
@@ -461,12 +494,26 @@ def _log_recon(logger: Any, ae: SVGAutoencoder, x: torch.Tensor, n: int, step: i
     logger.image(grid.numpy(), f"reconstructions/step_{step:08d}.png")
 
 
-def _export(logger: Any, ae: SVGAutoencoder, run: RunContext, losses: list[str], step: int) -> None:
-    """The eval-mode autoencoder to <run>/autoencoder.safetensors and MLflow; registry version."""
+def _export(
+    logger: Any,
+    ae: SVGAutoencoder,
+    run: RunContext,
+    losses: list[str],
+    step: int,
+    calibration: dict[str, Any] | None,
+) -> None:
+    """The eval-mode autoencoder to <run>/autoencoder.safetensors and MLflow; registry version.
+    ``calibration``: what ``calibrate_alignment`` did, recorded in the file's metadata."""
     from svg_ray import tracking
     from svg_ray.checkpoint import save_autoencoder
 
-    extra = {"mlflow_run_id": run.run_id, "run_uri": run.run_uri, "step": step, "losses": losses}
+    extra = {
+        "mlflow_run_id": run.run_id,
+        "run_uri": run.run_uri,
+        "step": step,
+        "losses": losses,
+        "align_calibration": calibration,
+    }
     ae = ae.to("cpu").eval()
     with tempfile.TemporaryDirectory() as d:
         local = Path(d) / AE_FILE

@@ -32,9 +32,9 @@ import numpy as np
 
 from svg_ray.config import ConfigError
 from svg_ray.data import inputs, schema
-from svg_ray.data.images import DEFAULT_MAX_PIXELS
-from svg_ray.data.inputs import COL_OK, COL_REASON, decode_batch
-from svg_ray.data.order import EpochOrder
+from svg_ray.data.images import DEFAULT_MAX_PIXELS, Crop
+from svg_ray.data.inputs import COL_OK, COL_REASON
+from svg_ray.data.order import EpochOrder, rng
 
 __all__ = [
     "COL_OK",
@@ -43,7 +43,6 @@ __all__ = [
     "ImagePlan",
     "ImageStream",
     "SkipCounter",
-    "decode_batch",
     "decode_sources",
     "plan_images",
     "probe_decodable",
@@ -51,6 +50,8 @@ __all__ = [
 
 OPTION = "--input"
 """The autoencoder job's option naming its images (quoted in input errors)."""
+_CROP = 5
+"""Stream of ``order.rng`` seeding an epoch's random crops (apart from the order's own)."""
 
 
 @dataclass
@@ -67,6 +68,8 @@ class ImageInput:
     """Crop size in pixels."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Inputs with more decoded pixels are skipped (decompression-bomb guard)."""
+    crop: Crop = "center"
+    """'center' (ADM) or 'random' (a window seeded by the run's seed, the epoch and the image)."""
 
 
 @dataclass
@@ -134,9 +137,12 @@ def probe_decodable(src: ImageInput, plan: ImagePlan, n: int = 8) -> None:
         )
 
 
-def decode_sources(sources: list[Any], source_format: str, src: ImageInput) -> dict[str, Any]:
+def decode_sources(
+    sources: list[Any], source_format: str, src: ImageInput, crop_seed: int = 0
+) -> dict[str, Any]:
     """Read and decode ``sources`` (folder: URIs; Parquet: [file, row]) in order: crops uint8
-    (n, R, R, 3) (zeros where not ok), ok flags, the source names and skip reasons."""
+    (n, R, R, 3) (zeros where not ok), ok flags, the source names and skip reasons.
+    ``crop_seed``: with ``src.crop == 'random'``, the windows' seed (with each image's bytes)."""
     with ThreadPoolExecutor(8) as pool:  # S3 GETs are latency-bound: overlap them
         raw = inputs.fetch(source_format, sources, src.image_column, pool)
     n, r = len(sources), src.resolution
@@ -144,7 +150,7 @@ def decode_sources(sources: list[Any], source_format: str, src: ImageInput) -> d
     ok = np.zeros(n, bool)
     reasons = [""] * n
     for i, data in enumerate(raw):
-        res = inputs.decode(data, r, src.max_pixels)
+        res = inputs.decode(data, r, src.max_pixels, src.crop, crop_seed)
         if isinstance(res, str):
             reasons[i] = res
         else:
@@ -159,11 +165,11 @@ def decode_sources(sources: list[Any], source_format: str, src: ImageInput) -> d
 
 
 def _decode_items(
-    batch: dict[str, np.ndarray], source_format: str, src: ImageInput
+    batch: dict[str, np.ndarray], source_format: str, src: ImageInput, crop_seed: int
 ) -> dict[str, Any]:
     """Ray Data stage: one item (a JSON list of sources) -> its decoded rows, in order."""
     sources = [s for spec in batch["sources"] for s in json.loads(spec)]
-    return decode_sources(sources, source_format, src)
+    return decode_sources(sources, source_format, src, crop_seed)
 
 
 class SkipCounter:
@@ -267,7 +273,11 @@ class ImageStream:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # batch k must be rows [k*B, (k+1)*B)
         decode = functools.partial(
-            _decode_items, source_format=self.plan.source_format, src=self.src
+            _decode_items,
+            source_format=self.plan.source_format,
+            src=self.src,
+            # A new random window every epoch, the same in a resumed run.
+            crop_seed=int(rng(self.seed, _CROP, epoch).integers(2**31)),
         )
         ds = ray.data.from_items(
             [{"sources": json.dumps(i)} for i in items],
