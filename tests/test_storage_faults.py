@@ -157,14 +157,14 @@ def test_precompute_stops_with_one_line_when_a_fault_never_stops(
     ae_path: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from pipelines.precompute import main as precompute_main  # what `ray job submit` runs
+    from svg_ray.cli import main as cli_main  # what `python -m pipelines.precompute` runs
 
     uri, ids = folder
     victim = f"faults/in/{ids[11]}"
     out = s3.uri("faults/never")
     faulty.set_rules(Rule("slowdown", key=f"/{victim}$", method="GET", times=-1))
     args = ["--input", uri, "--out", out, "--autoencoder", ae_path, "--rows-per-shard", "13"]
-    assert precompute_main([*args, "--decoders", "1"]) == 2
+    assert cli_main(["precompute", *args, "--decoders", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err, err[-2000:]
     err = err.splitlines()[-1]  # after the job's INFO log lines: the error, on one line
