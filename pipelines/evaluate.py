@@ -50,7 +50,13 @@ def _sections(task: str) -> list[Section]:
 
 
 COMMANDS = {
-    task: Command(f"svg-ray eval {task}", _TASK_HELP[task], _sections(task)) for task in TASKS
+    task: Command(
+        f"svg-ray eval {task}",
+        _TASK_HELP[task],
+        _sections(task),
+        recipe_job="eval-generation" if task == "generation" else None,
+    )
+    for task in TASKS
 }
 
 

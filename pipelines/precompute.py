@@ -22,6 +22,7 @@ COMMAND = Command(
     "svg-ray precompute",
     __doc__,
     [Section("precompute", PrecomputeConfig), Section("ray", RayConnection, group="ray")],
+    recipe_job="precompute",
 )
 
 

@@ -28,6 +28,7 @@ COMMAND = Command(
         # Its own default run name: a diffusion run under the same storage path must not collide.
         Section("run", RunSettings, group="run", defaults={"name": "svg-ae"}),
     ],
+    recipe_job="train-ae",
 )
 
 

@@ -20,6 +20,7 @@ COMMAND = Command(
     "svg-ray train",
     __doc__,
     [Section("train", DiffusionTrainConfig), Section("run", RunSettings, group="run")],
+    recipe_job="train",
 )
 
 

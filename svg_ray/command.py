@@ -5,7 +5,7 @@ Every field becomes a ``--flag`` whose help is the field's docstring, with its d
 choices (``Literal`` fields) and ``(required)`` where it has none. ``--config FILE`` (YAML or JSON,
 one mapping per section, strict) sets values, flags override the file, and both go through the
 same ``from_dict`` checks, so a typo in either fails with one line naming the key. The resolution
-order is: the dataclass default < the job's own default < ``--config`` < flags.
+order is: the dataclass default < the job's own default < ``--recipe`` < ``--config`` < flags.
 """
 
 from __future__ import annotations
@@ -150,8 +150,11 @@ def load_config_file(path: str) -> dict[str, Any]:
 class Command:
     """A job's command line: its sections, --config, --help with choices and requirements."""
 
-    def __init__(self, prog: str, doc: str, sections: list[Section]) -> None:
-        self.prog, self.sections = prog, sections
+    def __init__(
+        self, prog: str, doc: str, sections: list[Section], recipe_job: str | None = None
+    ) -> None:
+        """``recipe_job``: the job's name in ``svg_ray.recipes`` (adds ``--recipe``)."""
+        self.prog, self.sections, self.recipe_job = prog, sections, recipe_job
         lines = doc.strip().splitlines()
         self.parser = argparse.ArgumentParser(
             prog=prog,
@@ -170,6 +173,16 @@ class Command:
             help=f"YAML or JSON file of settings, one mapping per section ({names}); "
             "flags override it",
         )
+        if self.recipe_job is not None:
+            from svg_ray.recipes import RECIPES
+
+            parser.add_argument(
+                "--recipe",
+                choices=sorted(RECIPES),
+                default=None,
+                help="named settings preset ('paper': the reference's); --config and flags "
+                "override it (docs/reference-differences.md lists what each sets)",
+            )
         for s in self.sections:
             add_section(parser, s)
 
@@ -188,7 +201,8 @@ class Command:
             )
         out: dict[str, Any] = {}
         for s in self.sections:
-            values = {**s.defaults, **self._file_section(file, s.name)}
+            values = {**s.defaults, **self._recipe(args.get("recipe"), s)}
+            values.update(self._file_section(file, s.name))
             for key, value in args.items():
                 if key.startswith(f"alias:{s.name}:"):
                     _, _, name, old = key.split(":")
@@ -203,6 +217,14 @@ class Command:
             self._check_required(s, values)
             out[s.name] = from_dict(s.cls, values, s.name)
         return out
+
+    def _recipe(self, name: str | None, s: Section) -> dict[str, Any]:
+        """The fields of section ``s`` that recipe ``name`` sets for this command's job."""
+        if not name or self.recipe_job is None:
+            return {}
+        from svg_ray.recipes import apply_recipe
+
+        return apply_recipe(name, self.recipe_job, s.cls, s.prefix)
 
     @staticmethod
     def _file_section(file: dict[str, Any], name: str) -> dict[str, Any]:

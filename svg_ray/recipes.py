@@ -1,9 +1,9 @@
 """Named settings presets: the paper's recipe, and our defaults for comparison, as plain data.
 
-A recipe maps a job to ``{flag destination: value}``, the names ``svg_ray.config.add_arguments``
-gives the job's settings dataclasses (the generation eval's sampler settings carry the
-``sampler_`` prefix its flags have). ``apply_recipe`` picks the values of one dataclass, so a
-command can use them as its defaults and explicit flags still win.
+A recipe maps a job to ``{flag destination: value}``, the field names of the job's settings
+dataclasses (the generation eval's sampler settings carry the ``sampler_`` prefix its flags
+have). ``apply_recipe`` picks the values of one dataclass; ``svg-ray <job> --recipe NAME`` uses
+them as the job's defaults, and ``--config`` and explicit flags still win.
 
 ``paper`` reproduces the reference (github.com/shiml20/SVG) and the paper's Table 1 setup:
 stage-1 as main_svg_autoencoder.py trains it, the DiT in fp32 with TF32 (no bf16 autocast) on
