@@ -151,21 +151,21 @@ def _digits(out: Path, p: _Progress) -> Path:
 
 def _finished_step(path: Path, kind: str) -> int:
     """The step an earlier demo's exported autoencoder or bundle was written at (0: none)."""
-    from svg_ray.checkpoint import read_metadata
+    from svg_ray.checkpoint import CheckpointError, read_bundle_json, read_metadata
 
     if not path.exists():
         return 0
     try:
         if kind == "autoencoder":
             return int(json.loads(read_metadata(str(path)).get("extra", "{}")).get("step", 0))
-        return int(json.loads((path / "bundle.json").read_text()).get("step", 0))
-    except (OSError, ValueError):
+        return int(read_bundle_json(str(path), "bundle").get("step", 0))
+    except (OSError, ValueError, CheckpointError):
         return 0
 
 
 def _train_autoencoder(cfg: DemoConfig, images: Path, runs: Path, p: _Progress) -> StageRun:
     from svg_ray.losses import AELossConfig
-    from svg_ray.training.autoencoder import AETrainConfig
+    from svg_ray.training.autoencoder import AE_FILE, AETrainConfig
     from svg_ray.training.autoencoder import launch as launch_ae
     from svg_ray.training.common import RunSettings
 
@@ -195,11 +195,11 @@ def _train_autoencoder(cfg: DemoConfig, images: Path, runs: Path, p: _Progress) 
         cpus_per_worker=0.5,
         register_as="svg-demo-autoencoder",
     )
-    done = _finished_step(Path(run.run_uri) / "autoencoder.safetensors", "autoencoder")
+    done = _finished_step(Path(run.run_uri) / AE_FILE, "autoencoder")
     if done >= cfg.ae_steps:
         # Resuming a finished run would only restart the workers to do nothing.
         p.log(f"run {run.name!r} already finished at step {done}: nothing to resume")
-        return StageRun(f"{run.run_uri}/autoencoder.safetensors", "already finished")
+        return StageRun(f"{run.run_uri}/{AE_FILE}", "already finished")
     return StageRun.of(launch_ae(tcfg, loss, run))
 
 

@@ -34,6 +34,13 @@ AE_FORMAT = "svg-ray-autoencoder/1"
 DIT_FORMAT = "svg-ray-dit/1"
 BUNDLE_FORMAT = "svg-ray-bundle/1"
 
+BUNDLE_JSON = "bundle.json"
+"""The bundle's description, written last: a folder without it is not a bundle."""
+BUNDLE_DIT = "dit_ema.safetensors"
+"""The bundle's EMA diffusion transformer."""
+BUNDLE_AE = "autoencoder.safetensors"
+"""The bundle's autoencoder (the same file name a training run exports)."""
+
 
 class CheckpointError(SvgRayError, RuntimeError):
     """A checkpoint is missing, of the wrong kind, or does not match its model."""
@@ -179,10 +186,10 @@ def save_bundle(uri: str, dit_ema: DiT, ae: SVGAutoencoder, info: BundleInfo) ->
             f"latent stats have {info.latent_stats.channels} channels but the DiT takes "
             f"{dit_ema.cfg.in_channels}"
         )
-    save_dit(dit_ema, storage.join(uri, "dit_ema.safetensors"))
-    save_autoencoder(ae, storage.join(uri, "autoencoder.safetensors"))
+    save_dit(dit_ema, storage.join(uri, BUNDLE_DIT))
+    save_autoencoder(ae, storage.join(uri, BUNDLE_AE))
     storage.write_json(
-        storage.join(uri, "bundle.json"),
+        storage.join(uri, BUNDLE_JSON),
         {
             "format": BUNDLE_FORMAT,
             "dit_config": to_dict(dit_ema.cfg),
@@ -196,18 +203,32 @@ def save_bundle(uri: str, dit_ema: DiT, ae: SVGAutoencoder, info: BundleInfo) ->
     )
 
 
+def is_bundle(uri: str) -> bool:
+    """Whether ``uri`` is a sampler bundle folder (its bundle.json exists)."""
+    return storage.exists(storage.join(uri, BUNDLE_JSON))
+
+
+def read_bundle_json(uri: str, option: str = "--bundle") -> dict[str, Any]:
+    """A bundle's bundle.json, checked for format and for its two weight files (not read)."""
+    path = storage.join(uri, BUNDLE_JSON)
+    if not storage.exists(path):
+        raise CheckpointError(f"{option}: no sampler bundle at {uri} ({BUNDLE_JSON} missing)")
+    meta = storage.read_json(path)
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{option}: {path} has format {meta.get('format')!r}")
+    for name in (BUNDLE_DIT, BUNDLE_AE):
+        if not storage.exists(storage.join(uri, name)):
+            raise CheckpointError(f"{option}: {uri} lacks {name}")
+    return dict(meta)
+
+
 def load_bundle(
     uri: str, device: str | torch.device = "cpu"
 ) -> tuple[DiT, SVGAutoencoder, BundleInfo]:
     """Load (EMA DiT, autoencoder, info) from a bundle directory on a local path or S3."""
-    manifest = storage.join(uri, "bundle.json")
-    if not storage.exists(manifest):
-        raise CheckpointError(f"no sampler bundle at {uri} (bundle.json missing)")
-    meta = storage.read_json(manifest)
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(f"{manifest} has format {meta.get('format')!r}")
-    dit = load_dit(storage.join(uri, "dit_ema.safetensors"), device)
-    ae = load_autoencoder(storage.join(uri, "autoencoder.safetensors"), device)
+    meta = read_bundle_json(uri, "bundle")
+    dit = load_dit(storage.join(uri, BUNDLE_DIT), device)
+    ae = load_autoencoder(storage.join(uri, BUNDLE_AE), device)
     info = BundleInfo(
         latent_stats=LatentStats.from_dict(meta["latent_stats"]),
         class_names=list(meta["class_names"]),

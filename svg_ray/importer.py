@@ -38,6 +38,9 @@ from torch import nn
 
 from svg_ray import storage
 from svg_ray.checkpoint import (
+    BUNDLE_AE,
+    BUNDLE_DIT,
+    BUNDLE_JSON,
     BundleInfo,
     CheckpointError,
     load_strict,
@@ -588,12 +591,12 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
             sampler_defaults=to_dict(REFERENCE_SAMPLER),
         )
         save_bundle(cfg.out, dit, ae, info)
-        written.append(storage.join(cfg.out, "bundle.json"))
+        written.append(storage.join(cfg.out, BUNDLE_JSON))
     elif ae is not None:
-        written.append(storage.join(cfg.out, "autoencoder.safetensors"))
+        written.append(storage.join(cfg.out, BUNDLE_AE))
         save_autoencoder(ae, written[-1], extra=source)
     elif dit is not None:
-        written.append(storage.join(cfg.out, "dit_ema.safetensors"))
+        written.append(storage.join(cfg.out, BUNDLE_DIT))
         save_dit(dit, written[-1])
     bundle = ae is not None and dit is not None
     return {"out": cfg.out, "bundle": bundle, "written": written, **source}

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from svg_ray import storage
-from svg_ray.checkpoint import AE_FORMAT, BUNDLE_FORMAT, CheckpointError, read_metadata
+from svg_ray.checkpoint import (
+    AE_FORMAT,
+    BUNDLE_AE,
+    CheckpointError,
+    is_bundle,
+    read_bundle_json,
+    read_metadata,
+)
 from svg_ray.config import ConfigError, require, to_dict
 from svg_ray.data import inputs
 from svg_ray.data.images import DEFAULT_MAX_PIXELS
@@ -110,8 +117,7 @@ def plan_images(
 
 def autoencoder_file(uri: str) -> str:
     """An autoencoder checkpoint: the file itself, or the one inside a sampler bundle folder."""
-    bundle = storage.join(uri, "bundle.json")
-    return storage.join(uri, "autoencoder.safetensors") if storage.exists(bundle) else uri
+    return storage.join(uri, BUNDLE_AE) if is_bundle(uri) else uri
 
 
 def autoencoder_config(uri: str, option: str = "--autoencoder") -> AutoencoderConfig:
@@ -126,20 +132,6 @@ def autoencoder_config(uri: str, option: str = "--autoencoder") -> AutoencoderCo
             f"({AE_FORMAT}); pass the file written by `svg-ray train-ae` or a sampler bundle"
         )
     return AutoencoderConfig.from_dict(json.loads(meta["config"]))
-
-
-def read_bundle_json(uri: str) -> dict[str, Any]:
-    """A sampler bundle's bundle.json, checked for format (weights are loaded by the workers)."""
-    path = storage.join(uri, "bundle.json")
-    if not storage.exists(path):
-        raise CheckpointError(f"--bundle: no sampler bundle at {uri} (bundle.json missing)")
-    meta = storage.read_json(path)
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(f"--bundle: {path} has format {meta.get('format')!r}")
-    for name in ("dit_ema.safetensors", "autoencoder.safetensors"):
-        if not storage.exists(storage.join(uri, name)):
-            raise CheckpointError(f"--bundle: {uri} lacks {name}")
-    return dict(meta)
 
 
 def start_ray(run: EvalRun) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from svg_ray import storage
+from svg_ray.checkpoint import BUNDLE_AE
 from svg_ray.config import ConfigError, require, to_dict
 from svg_ray.data import schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
@@ -57,7 +58,7 @@ from svg_ray.training.trainer import (
 from svg_ray.training.trainer import launch as launch_plan
 
 KIND = "autoencoder"
-AE_FILE = "autoencoder.safetensors"
+AE_FILE = BUNDLE_AE
 """Name of the exported autoencoder, in the run folder and in the MLflow artifact folder."""
 PRESETS = ("svg", "debug")
 
