@@ -53,8 +53,7 @@ def thumbnails(images_u8: np.ndarray) -> np.ndarray:
 
 def real_digits(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """The demo's real images as uint8 (N, R, R, 3) (what write_image_folder saves), labels."""
-    from svg_ray.checkpoint import is_bundle  # noqa: E402
-from svg_ray.data.digits import load_digits_tensor
+    from svg_ray.data.digits import load_digits_tensor
 
     x, y = load_digits_tensor(resolution)
     u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
@@ -150,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier and the split")
     p.add_argument("--out", default="outputs/bench/quality.json")
     a = p.parse_args(argv)
+    from svg_ray.checkpoint import is_bundle
+
     if not is_bundle(a.bundle):
         print(
             f"skipped: no sampler bundle at {a.bundle}; run `make demo` first "
