@@ -197,9 +197,15 @@ def launch(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> dict
 
     v = validate(cfg, loss_cfg, run)
     tracking_uri = run.tracking_uri or tracking.default_tracking_uri()
+    tracking.check_registration(run.register_as, run.alias)
     run_id, resumed = tracking.find_or_create_run(
         tracking_uri, run.experiment, run.name, run.run_uri, KIND
     )
+    tracking.record_provenance(tracking_uri, run_id)
+    tracking.log_images_input(
+        tracking_uri, run_id, cfg.input, [f for fs in v.plan.files for f in fs],
+        sum(v.plan.rows), v.plan.source_format,
+    )  # fmt: skip
     tracking.log_params_once(
         tracking_uri,
         run_id,
@@ -229,6 +235,7 @@ def launch(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> dict
         "run_id": run_id,
         "run_uri": run.run_uri,
         "register_as": run.register_as,
+        "alias": run.alias,
     }
     print(
         f"[train-ae] {'resuming' if resumed else 'starting'} run {run.name!r} "
@@ -498,7 +505,7 @@ def _log_recon(logger: Any, ae: SVGAutoencoder, x: torch.Tensor, n: int, step: i
     finally:
         ae.train()
     grid = image_grid(torch.cat([to_uint8(x), to_uint8(recons)]), nrow=len(x))
-    logger.image(grid.numpy(), f"reconstructions/step_{step:08d}.png")
+    logger.image(grid.numpy(), "reconstructions", step)
 
 
 def _export(logger: Any, ae: SVGAutoencoder, config: dict[str, Any], step: int) -> None:
@@ -517,14 +524,8 @@ def _export(logger: Any, ae: SVGAutoencoder, config: dict[str, Any], step: int) 
         local = Path(d) / AE_FILE
         save_autoencoder(ae, str(local), extra)
         storage.write_bytes(storage.join(config["run_uri"], AE_FILE), local.read_bytes())
-        logger.artifacts(d, tracking.AUTOENCODER_ARTIFACT)
-    if config.get("register_as"):
-        version = tracking.register_bundle(
-            config["tracking_uri"],
-            config["run_id"],
-            config["register_as"],
-            step,
-            artifact=tracking.AUTOENCODER_ARTIFACT,
-        )
-        logger.set_tag("svg_ray.registered", f"{config['register_as']}/{version}")
+        tracking.export_model(
+            config["tracking_uri"], config["run_id"], "autoencoder", str(local), step,
+            config.get("register_as"), config.get("alias"),
+        )  # fmt: skip
     logger.finish()

@@ -39,6 +39,8 @@ class RunSettings:
     """MLflow tracking URI; default: MLFLOW_TRACKING_URI or a sqlite store in ./outputs."""
     register_as: str | None = None
     """Register the final model under this MLflow model name (None: do not register)."""
+    alias: str | None = None
+    """With register_as: point this registry alias (e.g. 'prod') at the new version."""
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "run.name must be a non-empty name")

@@ -145,9 +145,12 @@ def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> dict[str, Any]:
     per_worker = cfg.global_batch // run.num_workers
     data_plan = tdata.plan(manifest, cfg.data, run.num_workers, per_worker)
     tracking_uri = run.tracking_uri or tracking.default_tracking_uri()
+    tracking.check_registration(run.register_as, run.alias)
     run_id, resumed = tracking.find_or_create_run(
         tracking_uri, run.experiment, run.name, run.run_uri, KIND
     )
+    tracking.record_provenance(tracking_uri, run_id)
+    tracking.log_dataset_input(tracking_uri, run_id, manifest, cfg.data)
     tracking.log_params_once(
         tracking_uri,
         run_id,
@@ -172,6 +175,7 @@ def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> dict[str, Any]:
         "run_id": run_id,
         "run_uri": run.run_uri,
         "register_as": run.register_as,
+        "alias": run.alias,
     }
     print(
         f"[train] {'resuming' if resumed else 'starting'} run {run.name!r} "
@@ -354,7 +358,7 @@ def _log_samples(
     labels = torch.arange(16) % n_cls
     scfg = SamplerConfig(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg)
     imgs = generate(ema_model, ae, manifest.latent_stats, labels, list(range(16)), scfg)
-    logger.image(image_grid(to_uint8(imgs), nrow=8).numpy(), f"samples/step_{step:08d}.png")
+    logger.image(image_grid(to_uint8(imgs), nrow=8).numpy(), "samples", step)
 
 
 def _export(
@@ -387,11 +391,9 @@ def _export(
     ema_cpu = ema_model.to("cpu")
     with tempfile.TemporaryDirectory() as d:
         save_bundle(d, ema_cpu, ae.to("cpu"), info)
-        logger.artifacts(d, tracking.BUNDLE_ARTIFACT)
+        tracking.export_model(
+            config["tracking_uri"], config["run_id"], "sampler", d, step,
+            config.get("register_as"), config.get("alias"),
+        )  # fmt: skip
     save_bundle(storage.join(config["run_uri"], "bundle"), ema_cpu, ae, info)
-    if config.get("register_as"):
-        version = tracking.register_bundle(
-            config["tracking_uri"], config["run_id"], config["register_as"], step
-        )
-        logger.set_tag("svg_ray.registered", f"{config['register_as']}/{version}")
     logger.finish()
