@@ -9,6 +9,7 @@ metrics, and ``svg-ray status --model`` shows the evaluation in the chain.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -98,3 +99,29 @@ def test_evaluations_of_registered_models_tag_the_versions_and_link_the_runs(
     exp = client.get_experiment_by_name(EXPERIMENT)
     names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
     assert names == {"lineage-gen", "lineage-probe"}
+
+
+@pytest.mark.timeout(300)
+def test_a_download_is_staged_on_s3_for_workers_and_removed(
+    s3: Any, registry: Registry, tmp_path: Path
+) -> None:
+    """Files served only by the tracking server (mlflow-artifacts:/) are copied under the S3
+    results for the evaluation's workers, and removed when it ends; local results use the
+    driver's temporary download."""
+    from svg_ray import storage
+    from svg_ray.evaluation.launch import _readable_everywhere
+    from svg_ray.serving.source import resolve
+
+    model = resolve(f"models:/{SAMPLER_NAME}@prod", registry.tracking_uri, "sampler")
+    assert model.weights.startswith("mlflow-artifacts:/")  # the fixture server proxies artifacts
+    run = EvalRun(name="staged", out=s3.uri("eval"), tracking_uri=registry.tracking_uri)
+    with _readable_everywhere(model, run) as folder:
+        assert folder == f"{run.results_uri}/model"
+        want = (registry.bundle / "bundle.json").read_bytes()
+        assert storage.read_bytes(f"{folder}/bundle.json") == want
+        assert storage.exists(f"{folder}/dit_ema.safetensors")
+    assert not storage.exists(f"{run.results_uri}/model")
+    local = EvalRun(name="local", out=str(tmp_path / "eval"), tracking_uri=registry.tracking_uri)
+    with _readable_everywhere(model, local) as folder:
+        assert Path(folder, "bundle.json").is_file() and not folder.startswith(str(tmp_path))
+    assert not Path(folder).exists()

@@ -144,7 +144,15 @@ def test_mlflow_models_serve_answers_a_request(registry: Registry, tmp_path: Pat
         "-m", f"models:/{SAMPLER_NAME}@prod", "--env-manager", "local",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri, "SVG_RAY_DEVICE": "cpu"}
+    bin_dir = str(Path(sys.executable).parent)  # mlflow execs the venv's uvicorn by name
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": registry.tracking_uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "SVG_RAY_DEVICE": "cpu",
+    }
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

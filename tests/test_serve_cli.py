@@ -138,3 +138,26 @@ def test_the_command_fails_fast_for_a_model_that_does_not_exist(registry: Regist
     print(f"\nserve --model-uri models:/x/latest: exit {proc.returncode} in {seconds:.1f} s")
     _one_line_error(proc.returncode, proc.stderr, "no registered model 'x'")
     assert "Ray" not in proc.stdout + proc.stderr  # nothing started
+
+
+def test_the_shipped_config_serves_prod_after_one_promote(
+    registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve/config.yaml (and the RayService) deploy models:/svg-xl@prod: it resolves once
+    `svg-ray promote svg-xl <version> prod` has run, and says which command is missing before."""
+    from svg_ray import tracking
+    from svg_ray.errors import SvgRayError
+    from svg_ray.serving.source import parse_registry_uri
+
+    cfg = load_serve_config(REPO / "serve" / "config.yaml")
+    name, _, alias = parse_registry_uri(cfg.args["model_uri"])
+    assert (name, alias) == ("svg-xl", "prod")
+    tracking.register_model(
+        registry.tracking_uri, registry.dit_run, registry.sampler["model_id"], name, 1234
+    )
+    args = AppArgs.parse({**cfg.args, "mlflow_tracking_uri": registry.tracking_uri})
+    with pytest.raises(SvgRayError, match=f"set it with `svg-ray promote {name} <version> prod`"):
+        check_model(args)
+    assert main(["promote", name, "1", alias, "--tracking-uri", registry.tracking_uri]) == 0
+    _, what = check_model(args)
+    assert what.startswith(f"models:/{name}@prod: version 1 of '{name}'")
