@@ -1,7 +1,7 @@
 """svg-ray models as MLflow pyfunc models: what ``mlflow.pyfunc.load_model`` and
 ``mlflow models serve`` run.
 
-Two kinds, one class (``SvgRayPyfunc``):
+Two kinds (their PythonModel classes are in ``svg_ray/mlflow_pyfunc.py``):
 
 - **sampler**: the sampler bundle directory (``svg_ray.checkpoint``) is the model's artifact
   ``bundle``. Input: a DataFrame with ``label`` and optional ``seed``, ``steps``, ``cfg_scale``
@@ -237,7 +237,7 @@ def weights_from_mlmodel(mlmodel: dict[str, Any], kind: str | None = None) -> tu
 
 
 # --------------------------------------------------------------------------------------------
-# The pyfunc model
+# Predictors (what the pyfunc classes call; no MLflow import until an input is refused)
 # --------------------------------------------------------------------------------------------
 
 
@@ -269,17 +269,12 @@ class SamplerPredictor:
             raise _bad_input("input needs a 'label' column (class index per image)")
         jobs = []
         for i, row in enumerate(df.to_dict("records")):
-            body: dict[str, Any] = {"labels": [row["label"]], "seed": i}
+            # numpy scalars -> Python values; the request schema then checks types strictly.
+            body: dict[str, Any] = {"labels": [_plain(row["label"])], "seed": i}
             for key in ("seed", "steps", "cfg_scale"):
                 value = row.get(key)
                 if value is not None and not pd.isna(value):
-                    body[key] = value
-            for key in ("labels", "seed", "steps"):  # numpy/pandas ints -> plain JSON ints
-                if key in body:
-                    v = body[key]
-                    body[key] = [int(x) for x in v] if key == "labels" else int(v)
-            if "cfg_scale" in body:
-                body["cfg_scale"] = float(body["cfg_scale"])
+                    body[key] = _plain(value)
             try:
                 jobs.append(parse_generate(json.dumps(body).encode(), self.model.limits))
             except RequestError as e:
@@ -288,6 +283,11 @@ class SamplerPredictor:
             raise _bad_input("input has no rows")
         images, _ = self.model.sample_images(jobs)
         return np.stack([imgs[0] for imgs in images])  # (N, H, W, 3) uint8
+
+
+def _plain(value: Any) -> Any:
+    """A numpy/pandas scalar as the Python value it holds."""
+    return value.item() if hasattr(value, "item") else value
 
 
 class AutoencoderPredictor:
@@ -300,9 +300,9 @@ class AutoencoderPredictor:
         import torch
 
         from svg_ray.checkpoint import load_autoencoder
-        from svg_ray.serving.sampler import _resolve_device
+        from svg_ray.serving.sampler import torch_device
 
-        self.device = _resolve_device(device)
+        self.device = torch_device(device)
         self.ae = load_autoencoder(str(Path(weights_dir, AE_FILE)), self.device)
         self.torch = torch
 

@@ -291,6 +291,9 @@ def log_dataset_input(tracking_uri: str, run_id: str, manifest: Any, uri: str) -
     and tag the run with its URI, digest and autoencoder id; returns the digest."""
     from mlflow.entities import RunTag
 
+    from svg_ray import storage
+
+    uri = storage.absolute(uri)  # the same dataset from any working directory
     digest = manifest_digest(manifest)
     c, h, w = manifest.latent_shape
     profile = {
@@ -334,6 +337,9 @@ def log_images_input(
 
     from mlflow.entities import RunTag
 
+    from svg_ray import storage
+
+    uri = storage.absolute(uri)
     digest = hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()[:16]
     profile = {"num_inputs": inputs, "num_files": len(files), "format": source_format}
     schema = {"mlflow_colspec": [{"name": "image", "type": "binary", "required": True}]}

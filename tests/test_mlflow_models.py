@@ -371,3 +371,16 @@ def test_registration_settings_are_checked_before_work() -> None:
     ]:
         with pytest.raises(SvgRayError, match=message):
             tracking.check_registration(register_as, alias)
+
+
+def test_the_progress_line_shows_the_perceptual_loss(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The AE loss logs 'perceptual' (svg_ray/losses.py): the job's stdout shows it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.find_or_create_run(uri, "progress", "r", str(tmp_path), "autoencoder")
+    logger = tracking.RunLogger(uri, run_id, "train-ae", 10)
+    capsys.readouterr()
+    logger.metrics({"l1": 0.5, "perceptual": 0.25, "gan_g": 1.0, "g_loss": 0.9}, 3)
+    line = capsys.readouterr().out.strip()
+    assert line == "[train-ae] step 3/10: l1 0.5, perceptual 0.25, g_loss 0.9"
