@@ -1,7 +1,8 @@
 """The sampler service for real: Ray Serve on the shared local Ray, called over HTTP on 127.0.0.1.
 
 One application (deployment options from serve/config_cpu.yaml, a tiny random bundle) serves
-every test in this module; the MLflow test adds a second one briefly. Also: the playground page
+every test in this module; the MLflow test adds a second one briefly, for the registered model of
+the ``mlflow_registry`` fixture. Also: the playground page
 in headless Chromium, a bounded load test, and autoscaling under that load. Serve is shut down
 at the end of the module; the MLflow server and Chromium are stopped by their process groups.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from browser import DevTools, chromium_fixture  # noqa: F401
+from mlflow_registry import SAMPLER_NAME, Registry, registry_fixture  # noqa: F401
 from procs import free_port
 from test_serve_lib import BAD_REQUESTS, NUM_CLASSES, make_bundle
 
@@ -249,28 +251,17 @@ def test_docs_page_renders_the_api_in_chromium(service: Service, chromium: DevTo
 
 
 @pytest.mark.timeout(240)
-def test_loads_mlflow_registered_model(service: Service, mlflow_server: str) -> None:
-    """A bundle logged as run artifacts and registered serves the same images as the bundle."""
-    from mlflow import MlflowClient
+def test_loads_mlflow_registered_model(service: Service, registry: Registry) -> None:
+    """The model `svg-ray train --register-as` logs (an MLflow pyfunc model whose artifacts are
+    the bundle), served by alias, gives the same images as the bundle folder (make_bundle is
+    seeded: the registry fixture's bundle holds the same weights)."""
     from ray import serve
 
     from serve.app import compose
     from svg_ray.serving import AppArgs
 
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    exp = client.create_experiment("svg-serve-test")
-    run = client.create_run(exp)
-    client.log_artifacts(run.info.run_id, str(service.bundle), artifact_path="bundle")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model("svg-test")
-    mv = client.create_model_version(
-        "svg-test", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
-    )
-    client.set_registered_model_alias("svg-test", "prod", mv.version)
-
-    args = AppArgs.parse(
-        {"model_uri": "models:/svg-test@prod", "mlflow_tracking_uri": mlflow_server}
-    )
+    uri = f"models:/{SAMPLER_NAME}@prod"
+    args = AppArgs.parse({"model_uri": uri, "mlflow_tracking_uri": registry.tracking_uri})
     small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     app = compose(
         args, {"SVGSampler": small, "SVGIngress": {"ray_actor_options": {"num_cpus": 0.1}}}
@@ -278,11 +269,12 @@ def test_loads_mlflow_registered_model(service: Service, mlflow_server: str) -> 
     serve.run(app, name="svg-mlflow", route_prefix="/mlflow")
     try:
         info = http(service.base + "/mlflow/v1/model").json()
-        assert info["model_uri"] == "models:/svg-test@prod"
+        assert info["model_uri"] == uri
         reg = info["registered_model"]
-        assert reg["name"] == "svg-test" and reg["version"] == str(mv.version)
-        assert reg["run_id"] == run.info.run_id
-        assert info["step"] == 1234
+        assert reg["name"] == SAMPLER_NAME and reg["version"] == "1" and "prod" in reg["aliases"]
+        assert reg["run_id"] == registry.dit_run
+        assert reg["model_id"] == registry.sampler["model_id"]
+        assert info["location"].endswith("/artifacts/bundle") and info["step"] == 1234
         req = {"labels": [2, 7], "seed": 3, "steps": 3, "format": "png"}
         from_registry = http(service.base + "/mlflow/v1/generate", req)
         from_bundle = http(service.base + "/v1/generate", req)
