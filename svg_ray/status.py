@@ -162,8 +162,12 @@ def _registered_model(client: Any, rm: Any) -> dict[str, Any]:
     latest = versions[-1] if versions else None
     storage_path = None
     if latest is not None and latest["kind"] == "autoencoder" and latest["run_id"]:
-        # Precompute takes the exported file from the run's storage folder.
-        storage_path = client.get_run(latest["run_id"]).data.tags.get(TAG_STORAGE)
+        from mlflow.exceptions import MlflowException
+
+        try:  # precompute takes the exported file from the run's storage folder
+            storage_path = client.get_run(latest["run_id"]).data.tags.get(TAG_STORAGE)
+        except MlflowException:  # the run was deleted; the version outlives it
+            storage_path = None
     return {
         "name": rm.name,
         "kind": latest["kind"] if latest else None,
