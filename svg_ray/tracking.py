@@ -424,8 +424,7 @@ def export_model(
         model_id = mlflow_model.log_model(tracking_uri, run_id, kind, path, step, lineage)
     version = None
     if register_as:
-        tags = {**lineage, mlflow_model.MODEL_KIND_TAG: kind}
-        version = register_model(tracking_uri, run_id, model_id, register_as, step, tags)
+        version = register_model(tracking_uri, run_id, model_id, register_as, step)
         if alias:
             set_alias(tracking_uri, register_as, version, alias)
         client.set_tag(run_id, TAG_REGISTERED, f"{register_as}/{version}")
@@ -441,12 +440,17 @@ def register_model(
     tags: dict[str, str] | None = None,
 ) -> int:
     """A new version of ``name`` for the logged model ``model_id`` (the registered model is
-    created if needed); the version already registered for this run and step, if there is one."""
+    created if needed); the version already registered for this run and step, if there is one.
+
+    The version carries the logged model's kind and lineage tags, plus ``tags``.
+    """
     from mlflow.exceptions import MlflowException
 
-    from svg_ray.mlflow_model import STEP_TAG, _tracking
+    from svg_ray.mlflow_model import MODEL_KIND_TAG, STEP_TAG, _tracking
 
     client = _client(tracking_uri)
+    logged = client.get_logged_model(model_id).tags
+    inherited = {k: v for k, v in logged.items() if k in (MODEL_KIND_TAG, *LINEAGE_TAGS)}
     try:
         client.create_registered_model(name)
     except MlflowException as e:  # already exists
@@ -461,7 +465,7 @@ def register_model(
             name,
             source=f"models:/{model_id}",
             run_id=run_id,
-            tags={STEP_TAG: str(step), **(tags or {})},
+            tags={**inherited, STEP_TAG: str(step), **(tags or {})},
             model_id=model_id,
         )
     return int(mv.version)

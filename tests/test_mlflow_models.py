@@ -229,6 +229,10 @@ def test_promote_moves_an_alias_and_refuses_what_does_not_exist(
         registry.tracking_uri, registry.dit_run, registry.sampler["model_id"], SAMPLER_NAME, 2000
     )
     assert version == 2
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    tags = client.get_model_version(SAMPLER_NAME, "2").tags  # inherited from the logged model
+    assert tags["svg_ray.model_kind"] == "sampler" and tags["svg_ray.step"] == "2000"
+    assert tags["svg_ray.dataset_digest"] == tracking.manifest_digest(registry.manifest)
     uri = ["--tracking-uri", registry.tracking_uri]
     code, out, err = _promote(capsys, SAMPLER_NAME, "latest", "staging", *uri)
     assert code == 0 and f"models:/{SAMPLER_NAME}@staging -> version 2" in out, err
@@ -238,7 +242,6 @@ def test_promote_moves_an_alias_and_refuses_what_does_not_exist(
     # Back to version 1: the output says what it replaced.
     code, out, err = _promote(capsys, SAMPLER_NAME, "1", "staging", *uri)
     assert code == 0 and "-> version 1 (was version 2)" in out, err
-    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
     assert client.get_registered_model(SAMPLER_NAME).aliases == {"prod": "1", "staging": "1"}
 
     for args, message in [
