@@ -10,6 +10,7 @@ STAMP  := $(VENV)/.svg-ray-installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: venv demo test test-fast lint typecheck pytest browser bench clean
 

@@ -20,6 +20,7 @@ ENV = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "AWS_EC2_METADATA_DISABLED": "true",
     "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 

@@ -5,7 +5,8 @@
     SVG_RAY_MODEL_URI=... serve run serve.app:app    # code defaults
     svg-ray serve --model-uri outputs/demo/bundle    # local Ray + Serve, blocks until Ctrl-C
 
-Routes: GET / (playground), POST /v1/generate, GET /v1/model, GET /healthz. Replica counts,
+Routes: GET / (playground), POST /v1/generate, GET /v1/model, GET /healthz, GET /docs and
+GET /openapi.json (the API, with the server's bounds). Replica counts,
 resources and autoscaling live in the YAML files; the values in the decorators are fallbacks.
 """
 
@@ -27,10 +28,10 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from svg_ray import storage
-from svg_ray.config import ConfigError
 from svg_ray.serving import AppArgs, GenerationJob, JobResult, Limits, SamplerModel
-from svg_ray.serving.deploy import load_serve_config
+from svg_ray.serving.deploy import check_model, load_serve_config, place_device
 from svg_ray.serving.http import handle_generate
+from svg_ray.serving.openapi import DOCS_HTML, GENERATE_RESPONSES, openapi_schema
 from svg_ray.serving.playground import PLAYGROUND_HTML
 from svg_ray.serving.source import is_registry_uri
 
@@ -73,7 +74,9 @@ class SVGSampler:
         self.model.check()
 
 
-api = FastAPI(title="SVG sampler", docs_url=None, redoc_url=None)  # /docs pulls CDN assets
+# FastAPI's own /docs pulls CDN assets; ours (and /openapi.json, with this server's bounds and
+# the request schema the raw-body route cannot expose) are routes of the ingress below.
+api = FastAPI(title="SVG sampler", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment(name=INGRESS, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -85,6 +88,7 @@ class SVGIngress:
         self.sampler = sampler
         self.args = AppArgs.parse(args)
         self._model: dict[str, Any] | None = None
+        self._openapi: dict[str, Any] | None = None
 
     async def _describe(self) -> dict[str, Any]:
         if self._model is None:  # every replica serves the same bundle: ask once
@@ -99,6 +103,18 @@ class SVGIngress:
         """The playground page."""
         return HTMLResponse(PLAYGROUND_HTML)
 
+    @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs(self) -> HTMLResponse:
+        """The API reference page (renders /openapi.json; no external assets)."""
+        return HTMLResponse(DOCS_HTML)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document."""
+        if self._openapi is None:
+            self._openapi = openapi_schema(api, self.args.server)
+        return self._openapi
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         """Ready once a sampler replica has loaded its model."""
@@ -109,7 +125,7 @@ class SVGIngress:
         """Model size, checkpoint, training step, classes, defaults and limits."""
         return await self._describe()
 
-    @api.post("/v1/generate")
+    @api.post("/v1/generate", response_model=None, responses=GENERATE_RESPONSES)
     async def generate(self, request: Request) -> Response:
         """Class-conditional samples as base64 PNGs in JSON, or one image/png."""
         limits = Limits(self.args.server, (await self._describe())["num_classes"])
@@ -145,21 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="svg-ray serve", description=__doc__.splitlines()[0])
     p.add_argument(
         "--model-uri", "--bundle", dest="model_uri", default="",
-        help="bundle dir, s3://... or models:/<name>/<version> (default: the config's)",
+        help="bundle dir, s3://..., models:/<name>/<version>, models:/<name>/latest or "
+        "models:/<name>@<alias> (default: the config's)",
     )  # fmt: skip
     p.add_argument("--config", default=str(CPU_CONFIG), help="Serve config file to take from")
     p.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
     p.add_argument("--mlflow-tracking-uri", default="", help="MLflow server for models:/ URIs")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
+    p.add_argument(
+        "--device", default="auto",
+        help="where replicas sample: auto (CUDA when this machine has it), cpu, cuda or cuda:<i>",
+    )  # fmt: skip
     a = p.parse_args(argv)
 
+    # Everything that can be wrong is checked here, in seconds, before Ray starts.
     cfg = load_serve_config(a.config)
     overrides = {"model_uri": a.model_uri, "mlflow_tracking_uri": a.mlflow_tracking_uri}
     args = AppArgs.parse({**cfg.args, **{k: v for k, v in overrides.items() if v}})
-    uri = args.model_uri
-    if not is_registry_uri(uri) and not storage.exists(storage.join(uri, "bundle.json")):
-        raise ConfigError(f"no sampler bundle at {uri}: pass --model-uri (svg-ray demo makes one)")
+    args, deployments = place_device(args, cfg.deployments, a.device)
+    args, what = check_model(args)
     http = {"host": "127.0.0.1", "port": 8000, **cfg.http_options}
     http.update({k: v for k, v in {"host": a.host, "port": a.port}.items() if v is not None})
 
@@ -169,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     try:
         serve.start(http_options=http)
-        serve.run(compose(args, cfg.deployments), name=cfg.name, route_prefix=cfg.route_prefix)
+        serve.run(compose(args, deployments), name=cfg.name, route_prefix=cfg.route_prefix)
         url = f"http://{http['host']}:{http['port']}{cfg.route_prefix}"
         print(
-            f"SVG sampler: {url} (playground at /), model {args.model_uri}; Ctrl-C stops",
+            f"SVG sampler: {url} (playground at /, API docs at /docs), model {what}, on "
+            f"{args.server.device}; Ctrl-C stops",
             flush=True,
         )
         while True:

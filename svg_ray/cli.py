@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "convert the SVG paper's released checkpoints into our model files or a sampler bundle",
     ),
     "status": ("svg_ray.status", "what datasets, runs, bundles and MLflow models exist"),
+    "promote": ("pipelines.promote", "point a registry alias (e.g. prod) at a model version"),
     "train-ae": (
         "pipelines.train_autoencoder",
         "Ray Train job: the SVG autoencoder (residual + decoder)",

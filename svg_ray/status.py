@@ -2,11 +2,14 @@
 
     svg-ray status                                   # ./outputs and the default sqlite store
     svg-ray status --storage s3://bucket/svg --tracking-uri http://mlflow:5000 --json
+    svg-ray status --model svg-xl@prod               # one model version's lineage
 
 Storage is scanned for latent datasets (``manifest.json``: complete; ``job.json`` without a
 manifest: a precompute in progress or killed, with its committed chunks), training runs (Ray
 Train's ``checkpoint_manager_snapshot.json``: latest step and metrics, an exported bundle or
-autoencoder) and sampler bundles. MLflow is asked for experiments, runs and registered models.
+autoencoder) and sampler bundles. MLflow is asked for experiments, runs and registered models
+(kind, versions, aliases, evaluation tags). ``--model`` follows one version back and forth:
+evaluations <- model version <- training run (commit, versions) <- dataset <- autoencoder.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def scan_storage(root: str) -> StorageReport:
                     "path": folder,
                     "complete": True,
                     "rows": m.get("num_rows"),
-                    "skipped": m.get("num_skipped"),
+                    "skipped": len(m.get("skipped") or []),
                     "latent_shape": m.get("latent_shape"),
                     "autoencoder_id": m.get("autoencoder_id"),
                     "classes": len(m.get("class_names") or []),
@@ -134,15 +137,72 @@ def scan_mlflow(tracking_uri: str, max_runs: int = 50) -> dict[str, Any]:
                 ],
             }
         )
-    models = []
-    for rm in client.search_registered_models():
-        versions = [
-            {"version": int(v.version), "run_id": v.run_id, "source": v.source}
-            for v in client.search_model_versions(f"name = '{rm.name}'")
-        ]
-        versions.sort(key=lambda v: int(v["version"]))  # type: ignore[arg-type]
-        models.append({"name": rm.name, "versions": versions})
+    models = [_registered_model(client, rm) for rm in client.search_registered_models()]
     return {"tracking_uri": tracking_uri, "experiments": experiments, "registered_models": models}
+
+
+def _registered_model(client: Any, rm: Any) -> dict[str, Any]:
+    """One registered model: kind, versions (with evaluation tags) and aliases."""
+    from svg_ray.mlflow_model import MODEL_KIND_TAG
+    from svg_ray.tracking import TAG_STORAGE
+
+    versions = []
+    for v in client.search_model_versions(f"name = '{rm.name}'"):
+        tags = dict(v.tags or {})
+        versions.append(
+            {
+                "version": int(v.version),
+                "run_id": v.run_id,
+                "source": v.source,
+                "kind": tags.get(MODEL_KIND_TAG) or _kind_from_source(str(v.source)),
+                "evaluation": {k: tags[k] for k in EVAL_TAGS if k in tags},
+            }
+        )
+    versions.sort(key=lambda v: int(v["version"]))
+    latest = versions[-1] if versions else None
+    storage_path = None
+    if latest is not None and latest["kind"] == "autoencoder" and latest["run_id"]:
+        from mlflow.exceptions import MlflowException
+
+        try:  # precompute takes the exported file from the run's storage folder
+            storage_path = client.get_run(latest["run_id"]).data.tags.get(TAG_STORAGE)
+        except MlflowException:  # the run was deleted; the version outlives it
+            storage_path = None
+    return {
+        "name": rm.name,
+        "kind": latest["kind"] if latest else None,
+        "versions": versions,
+        "aliases": {a: int(v) for a, v in sorted((rm.aliases or {}).items())},
+        "run_storage": storage_path,
+    }
+
+
+EVAL_TAGS = ("fid", "is", "rfid", "psnr", "ssim", "lpips", "eval_run_id")
+"""Model-version tags an evaluation sets (svg_ray.evaluation.report.tag_model_version)."""
+
+
+def _kind_from_source(source: str) -> str | None:
+    """Kind of a version registered as a plain folder (before models were MLflow models)."""
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    return {"bundle": "sampler", "autoencoder": "autoencoder"}.get(name)
+
+
+def _next_for_model(m: dict[str, Any]) -> str:
+    """What to do with a registered model, by kind."""
+    if not m["versions"]:
+        return ""
+    ref = f"models:/{m['name']}/{m['versions'][-1]['version']}"
+    if "prod" in m["aliases"]:
+        ref = f"models:/{m['name']}@prod"
+    if m["kind"] == "sampler":
+        return f"; serve: svg-ray serve --model-uri {ref}"
+    if m["kind"] == "autoencoder":
+        ae = f"{m['run_storage']}/autoencoder.safetensors" if m["run_storage"] else "<file>"
+        return (
+            f"; encode a dataset: svg-ray precompute --input <images> --out <latents> "
+            f"--autoencoder {ae}; score it: svg-ray eval reconstruction --autoencoder {ref}"
+        )
+    return ""
 
 
 def render(report: StorageReport, mlflow: dict[str, Any] | None) -> str:
@@ -195,17 +255,191 @@ def render(report: StorageReport, mlflow: dict[str, Any] | None) -> str:
                     + f" (run {r['run_id']})"
                 )
         for m in mlflow["registered_models"]:
-            latest = m["versions"][-1]["version"] if m["versions"] else None
-            out.append(
-                f"  model    {m['name']}: {len(m['versions'])} version(s)"
-                + (
-                    f"; serve: svg-ray serve --model-uri models:/{m['name']}/{latest}"
-                    if latest
-                    else ""
+            aliases = ", ".join(f"@{a} -> {v}" for a, v in m["aliases"].items())
+            evals = [v for v in m["versions"] if v["evaluation"]]
+            scores = ""
+            if evals:
+                shown = {k: x for k, x in evals[-1]["evaluation"].items() if k != "eval_run_id"}
+                scores = f"; v{evals[-1]['version']}: " + ", ".join(
+                    f"{k} {x}" for k, x in shown.items()
                 )
+            out.append(
+                f"  model    {m['name']} [{m['kind'] or '-'}]: {len(m['versions'])} version(s)"
+                + (f" ({aliases})" if aliases else "")
+                + scores
+                + _next_for_model(m)
             )
         if mlflow["tracking_uri"].startswith("sqlite:"):
             out.append(f"  UI: mlflow ui --backend-store-uri {mlflow['tracking_uri']}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# One model version's lineage
+# --------------------------------------------------------------------------------------------
+
+
+def model_uri(spec: str) -> str:
+    """``NAME``, ``NAME/VERSION``, ``NAME@ALIAS`` or a ``models:/`` URI -> a ``models:/`` URI."""
+    if spec.startswith("models:/"):
+        return spec
+    return f"models:/{spec}" if ("/" in spec or "@" in spec) else f"models:/{spec}/latest"
+
+
+def _run_summary(client: Any, run_id: str) -> dict[str, Any]:
+    from svg_ray.tracking import (
+        TAG_GIT_COMMIT,
+        TAG_KIND,
+        TAG_REGISTERED,
+        TAG_STORAGE,
+        VERSION_TAG_PREFIX,
+    )
+
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    exp = client.get_experiment(run.info.experiment_id)
+    datasets = [
+        {
+            "name": d.dataset.name,
+            "digest": d.dataset.digest,
+            "source": json.loads(d.dataset.source or "{}").get("uri"),
+            "profile": json.loads(d.dataset.profile or "{}"),
+        }
+        for d in (run.inputs.dataset_inputs if run.inputs else [])
+    ]
+    return {
+        "run_id": run_id,
+        "name": run.info.run_name,
+        "experiment": exp.name if exp else run.info.experiment_id,
+        "status": run.info.status,
+        "kind": tags.get(TAG_KIND),
+        "storage": tags.get(TAG_STORAGE),
+        "registered": tags.get(TAG_REGISTERED),
+        "git_commit": tags.get(TAG_GIT_COMMIT),
+        "versions": {
+            k[len(VERSION_TAG_PREFIX) :]: v
+            for k, v in tags.items()
+            if k.startswith(VERSION_TAG_PREFIX)
+        },
+        "metrics": {k: round(v, 6) for k, v in sorted(run.data.metrics.items())},
+        "datasets": datasets,
+    }
+
+
+def lineage(tracking_uri: str, spec: str) -> dict[str, Any]:
+    """The chain of one model version: dataset -> autoencoder -> training run -> version ->
+    evaluations (and, for an autoencoder, the diffusion runs trained on its latents)."""
+    from mlflow import MlflowClient
+
+    from svg_ray.evaluation.report import TAG_MODEL_VERSION
+    from svg_ray.serving.source import resolve
+    from svg_ray.tracking import TAG_AUTOENCODER_ID, TAG_DATASET, TAG_DATASET_DIGEST
+
+    model = resolve(model_uri(spec), tracking_uri, option="--tracking-uri")
+    client = MlflowClient(tracking_uri=model.tracking_uri, registry_uri=model.tracking_uri)
+    out: dict[str, Any] = {
+        "model": {
+            **model.describe(),
+            "uri": model.pinned_uri,
+            "kind": model.kind,
+            "evaluation": {k: model.tags[k] for k in EVAL_TAGS if k in model.tags},
+        }
+    }
+    run = _run_summary(client, model.run_id) if model.run_id else None
+    out["training_run"] = run
+    # Versions registered before lineage tags existed: fall back to the run's own tags.
+    run_tags = client.get_run(model.run_id).data.tags if model.run_id else {}
+    tags = {**run_tags, **model.tags}
+    out["dataset"] = {
+        "uri": tags.get(TAG_DATASET),
+        "digest": tags.get(TAG_DATASET_DIGEST),
+        **(run["datasets"][0]["profile"] if run and run["datasets"] else {}),
+    }
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    ae_id = tags.get(TAG_AUTOENCODER_ID)
+    out["autoencoder"] = {"id": ae_id, "registered": []}
+    if ae_id:
+        for mv in client.search_model_versions(f"tags.`{TAG_AUTOENCODER_ID}` = '{ae_id}'"):
+            if (mv.name, str(mv.version)) == (model.name, model.version):
+                continue
+            if _kind_from_tags(mv) == "autoencoder":
+                out["autoencoder"]["registered"].append(
+                    {"name": mv.name, "version": int(mv.version), "run_id": mv.run_id}
+                )
+    if model.kind == "autoencoder" and ae_id:
+        flt = f"tags.`{TAG_AUTOENCODER_ID}` = '{ae_id}' and tags.`svg_ray.kind` = 'diffusion'"
+        out["used_by"] = [
+            {"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status}
+            for r in client.search_runs(experiments, filter_string=flt)
+        ]
+    flt = f"tags.`{TAG_MODEL_VERSION}` = '{model.name}/{model.version}'"
+    out["evaluations"] = [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "task": r.data.tags.get("svg_ray.eval_task"),
+            "status": r.info.status,
+            "metrics": {
+                k: round(v, 6) for k, v in sorted(r.data.metrics.items()) if not k.endswith("_std")
+            },
+        }
+        for r in client.search_runs(experiments, filter_string=flt)
+    ]
+    return out
+
+
+def _kind_from_tags(mv: Any) -> str | None:
+    from svg_ray.mlflow_model import MODEL_KIND_TAG
+
+    return (mv.tags or {}).get(MODEL_KIND_TAG) or _kind_from_source(str(mv.source))
+
+
+def render_lineage(chain: dict[str, Any]) -> str:
+    """The lineage as text, newest link first."""
+    m = chain["model"]
+    aliases = " ".join(f"@{a}" for a in m["aliases"])
+    out = [
+        f"model      {m['uri']} [{m['kind']}]" + (f" {aliases}" if aliases else "")
+        + (f"; logged model {m['model_id']}" if m["model_id"] else "")
+    ]  # fmt: skip
+    for e in chain["evaluations"]:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items())
+        what = f"{e['task'] or 'eval'} run {e['name']} ({e['run_id']}), {e['status']}"
+        out.append(f"  scored   {what}: {scores}")
+    if not chain["evaluations"]:
+        out.append(f"  scored   (no evaluation yet: svg-ray eval ... --bundle {m['uri']})")
+    r = chain["training_run"]
+    if r:
+        step = r["metrics"].get("step")
+        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+        out.append(
+            f"  trained  by run {r['name']} ({r['run_id']}) in {r['experiment']!r}, {r['status']}"
+            + (f" at step {int(step)}" if step is not None else "")
+            + f"; commit {r['git_commit'] or 'unknown'}"
+            + (f"; {versions}" if versions else "")
+        )
+    d = chain["dataset"]
+    if d.get("uri"):
+        facts = [f"digest {d.get('digest')}"]
+        for key, label in (
+            ("num_rows", "rows"),
+            ("num_inputs", "inputs"),
+            ("num_classes", "classes"),
+        ):
+            if key in d:
+                facts.append(f"{d[key]} {label}")
+        out.append(f"  on data  {d['uri']} ({', '.join(facts)})")
+    ae = chain["autoencoder"]
+    if ae["id"] and m["kind"] == "sampler":
+        regs = ", ".join(
+            f"models:/{a['name']}/{a['version']} (run {a['run_id']})" for a in ae["registered"]
+        )
+        out.append(
+            f"  encoded  by autoencoder {ae['id']}"
+            + (f" = {regs}" if regs else " (not registered)")
+        )
+    for u in chain.get("used_by", []):
+        out.append(f"  used by  diffusion run {u['name']} ({u['run_id']}), {u['status']}")
     return "\n".join(out)
 
 
@@ -222,7 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-mlflow", action="store_true", help="skip the MLflow query")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="show one model version's lineage: NAME (latest), NAME/VERSION, NAME@ALIAS",
+    )
     a = p.parse_args(argv)
+    if a.model:
+        chain = lineage(a.tracking_uri or default_tracking_uri(create=False), a.model)
+        print(json.dumps(chain, indent=2) if a.json else render_lineage(chain))
+        return 0
     report = scan_storage(a.storage)
     mlflow = None if a.no_mlflow else scan_mlflow(a.tracking_uri or default_tracking_uri())
     if a.json:

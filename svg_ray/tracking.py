@@ -3,6 +3,12 @@
 Ray Train V2 has no MLflow callback, so training logs with plain ``mlflow`` calls on world rank 0.
 The driver creates (or finds) the run before any worker starts and passes its id down, so a worker
 restart or a resubmitted job re-attaches to the same run instead of creating a duplicate.
+
+What a run carries besides metrics (so a model can be traced back to everything that made it):
+provenance tags (``provenance_tags``: git commit, svg-ray/Ray/torch/CUDA versions), its dataset
+as an MLflow input (``log_dataset_input``), and its exported model as an MLflow pyfunc model
+(``export_model``: logged model, registry version, alias). Experiments are tagged as model
+training so the MLflow UI opens its training view, not the GenAI one.
 """
 
 from __future__ import annotations
@@ -13,21 +19,42 @@ from pathlib import Path
 from typing import Any
 
 from svg_ray.config import ConfigError, flatten
+from svg_ray.errors import SvgRayError
 
 TAG_RUN_NAME = "svg_ray.run_name"
 TAG_STORAGE = "svg_ray.storage_path"
 TAG_KIND = "svg_ray.kind"
-BUNDLE_ARTIFACT = "bundle"
-AUTOENCODER_ARTIFACT = "autoencoder"
+TAG_DATASET = "svg_ray.dataset"
+TAG_DATASET_DIGEST = "svg_ray.dataset_digest"
+TAG_AUTOENCODER_ID = "svg_ray.autoencoder_id"
+TAG_REGISTERED = "svg_ray.registered"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_GIT_COMMIT_RESUMED = "svg_ray.resumed_git_commit"
+VERSION_TAG_PREFIX = "svg_ray.version."
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The MLflow UI (3.x) opens experiments of this kind in its model-training view."""
+GIT_COMMIT_ENV = "SVG_RAY_GIT_COMMIT"
+"""The submitting checkout's commit, for drivers that run without the .git folder (a Ray job's
+uploaded working dir): ``ray job submit ... -- SVG_RAY_GIT_COMMIT=$(git rev-parse HEAD) python
+-m pipelines.train_diffusion ...``."""
+LINEAGE_TAGS = (TAG_DATASET, TAG_DATASET_DIGEST, TAG_AUTOENCODER_ID, TAG_GIT_COMMIT, TAG_KIND)
+"""Run tags copied onto the model versions a run registers."""
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` or a local sqlite store under ./outputs (the embedded default)."""
+class RegistryError(SvgRayError, RuntimeError):
+    """The MLflow tracking server is unreachable, or lacks the model, version or alias asked for."""
+
+
+def default_tracking_uri(create: bool = True) -> str:
+    """``MLFLOW_TRACKING_URI`` or a local sqlite store under ./outputs (the embedded default);
+    ``create=False`` names that store without making its folder (for lookups)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     root = Path("outputs").resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -38,17 +65,24 @@ def _client(tracking_uri: str) -> Any:
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Experiment id for ``name``, created if needed (artifacts beside a local sqlite store)."""
+    """Experiment id for ``name``, created if needed (artifacts beside a local sqlite store) and
+    tagged as model training (``mlflow.experimentKind``) unless it already has a kind."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     location = None
     if tracking_uri.startswith("sqlite:///"):
         # Without a server, a sqlite store's default artifact root is relative to whichever
         # process's cwd logs first (a Ray worker's session dir): pin it beside the database.
         location = Path(tracking_uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
-    return str(client.create_experiment(name, artifact_location=location))
+    return str(
+        client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    )
 
 
 def find_or_create_run(
@@ -143,7 +177,7 @@ class RunLogger:
     """Metrics and images to one MLflow run (used on rank 0 only)."""
 
     # Shown on the job's stdout (`ray job logs`, the demo) each time metrics are logged.
-    PROGRESS_KEYS = ("loss", "l1", "lpips", "g_loss", "d_loss", "images_per_s")
+    PROGRESS_KEYS = ("loss", "l1", "perceptual", "g_loss", "d_loss", "images_per_s")
 
     def __init__(self, tracking_uri: str, run_id: str, label: str = "", total_steps: int = 0):
         self.client = _client(tracking_uri)
@@ -167,9 +201,9 @@ class RunLogger:
             of = f"/{self.total_steps}" if self.total_steps else ""
             print(f"[{self.label}] step {step}{of}: {shown}", flush=True)
 
-    def image(self, image: Any, artifact_file: str) -> None:
-        """Log a uint8 (H, W, 3) array as a PNG artifact."""
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+    def image(self, image: Any, key: str, step: int) -> None:
+        """Log a uint8 (H, W, 3) array as image ``key`` at ``step`` (the UI's step slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def artifacts(self, local_dir: str, artifact_path: str) -> None:
         """Upload a directory."""
@@ -184,29 +218,313 @@ class RunLogger:
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
-def register_bundle(
-    tracking_uri: str, run_id: str, model_name: str, step: int, artifact: str = BUNDLE_ARTIFACT
-) -> int:
-    """Register the run's ``artifact`` directory as a new version of ``model_name``.
+# --------------------------------------------------------------------------------------------
+# Provenance: code, environment and data
+# --------------------------------------------------------------------------------------------
 
-    By default that is the sampler bundle directory (bundle.json + weights), which the Serve
-    deployment loads from ``models:/<name>/<version>``; the autoencoder job registers its
-    ``autoencoder`` directory (AUTOENCODER_ARTIFACT) the same way.
+
+def git_commit() -> str | None:
+    """The commit of the checkout this code runs from: SVG_RAY_GIT_COMMIT, else ``git`` in the
+    svg_ray package's folder; None without either (an installed copy, no git)."""
+    import subprocess
+
+    env = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if env:
+        return env
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def provenance_tags() -> dict[str, str]:
+    """``mlflow.source.git.commit`` (when known) and the versions of svg-ray, Ray, torch, CUDA,
+    MLflow and Python, as run tags."""
+    import importlib.metadata
+    import platform
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    tags = {
+        f"{VERSION_TAG_PREFIX}svg_ray": version("svg-ray"),
+        f"{VERSION_TAG_PREFIX}ray": version("ray"),
+        f"{VERSION_TAG_PREFIX}torch": torch.__version__,
+        f"{VERSION_TAG_PREFIX}cuda": torch.version.cuda or "none",
+        f"{VERSION_TAG_PREFIX}mlflow": version("mlflow"),
+        f"{VERSION_TAG_PREFIX}python": platform.python_version(),
+    }
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    # The run page's "Source" field (with the commit beside it).
+    tags["mlflow.source.name"] = _source_name()
+    tags["mlflow.source.type"] = "JOB" if os.environ.get("RAY_ADDRESS") else "LOCAL"
+    return tags
+
+
+def _source_name() -> str:
+    """What started this process: ``svg-ray train``, ``pipelines/train_diffusion.py``, ..."""
+    import sys
+
+    argv = sys.argv or [""]
+    path = Path(argv[0])
+    if path.name == "svg-ray" and len(argv) > 1:
+        return f"svg-ray {argv[1]}"
+    return "/".join(path.parts[-2:]) if path.suffix == ".py" else path.name or "python"
+
+
+def record_provenance(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """Set ``provenance_tags()`` on a run; returns them.
+
+    A resumed run keeps the commit it started from in ``mlflow.source.git.commit``; a different
+    commit that resumes it is recorded as ``svg_ray.resumed_git_commit``.
+    """
+    from mlflow.entities import RunTag
+
+    client = _client(tracking_uri)
+    tags = provenance_tags()
+    first = client.get_run(run_id).data.tags.get(TAG_GIT_COMMIT)
+    if first and tags.get(TAG_GIT_COMMIT, first) != first:
+        tags[TAG_GIT_COMMIT_RESUMED] = tags.pop(TAG_GIT_COMMIT)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return tags
+
+
+def manifest_digest(manifest: Any) -> str:
+    """16-hex content digest of a latent dataset's manifest (its shards, stats and sources)."""
+    import hashlib
+    import json
+
+    text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _log_input(
+    tracking_uri: str,
+    run_id: str,
+    uri: str,
+    digest: str,
+    profile: dict[str, Any],
+    schema: dict[str, Any],
+) -> None:
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = uri.rstrip("/").rsplit("/", 1)[-1] or uri
+    source_type = "s3" if uri.startswith("s3://") else "local"
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type=source_type,
+        source=json.dumps({"uri": uri}),
+        schema=json.dumps(schema),
+        profile=json.dumps(profile),
+    )
+    # The same dataset logged again (a resumed run) is one input, not two: MLflow dedupes it.
+    ctx = InputTag("mlflow.data.context", "training")
+    _client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[ctx])])
+
+
+def log_dataset_input(tracking_uri: str, run_id: str, manifest: Any, uri: str) -> str:
+    """Record a latent dataset (a ``DatasetManifest`` at ``uri``) as the run's training input
+    and tag the run with its URI, digest and autoencoder id; returns the digest."""
+    from mlflow.entities import RunTag
+
+    from svg_ray import storage
+
+    uri = storage.absolute(uri)  # the same dataset from any working directory
+    digest = manifest_digest(manifest)
+    c, h, w = manifest.latent_shape
+    profile = {
+        "num_rows": manifest.num_rows,
+        "num_classes": len(manifest.class_names),
+        "num_skipped": manifest.num_skipped,
+        "autoencoder_id": manifest.autoencoder_id,
+        "autoencoder_uri": manifest.autoencoder_uri,
+        "encoder": manifest.encoder,
+        "resolution": manifest.resolution,
+        "latent_shape": [c, h, w],
+        "latent_dtype": manifest.dtype,
+        "has_flip": manifest.has_flip,
+        "source_uri": manifest.source_uri,
+        "created": manifest.created,
+    }
+    latent = {"type": "tensor", "tensor-spec": {"dtype": manifest.dtype, "shape": [-1, c, h, w]}}
+    schema = {
+        "mlflow_colspec": [
+            {"name": "id", "type": "string", "required": True},
+            {"name": "label", "type": "long", "required": True},
+            {"name": "latent", **latent, "required": True},
+        ]
+    }
+    _log_input(tracking_uri, run_id, uri, digest, profile, schema)
+    tags = {
+        TAG_DATASET: uri,
+        TAG_DATASET_DIGEST: digest,
+        TAG_AUTOENCODER_ID: manifest.autoencoder_id,
+    }
+    _client(tracking_uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return digest
+
+
+def log_images_input(
+    tracking_uri: str, run_id: str, uri: str, files: list[str], inputs: int, source_format: str
+) -> str:
+    """Record an image input (folder tree or Parquet, the autoencoder's training data) as the
+    run's dataset; the digest covers the sorted list of files read. Returns the digest."""
+    import hashlib
+
+    from mlflow.entities import RunTag
+
+    from svg_ray import storage
+
+    uri = storage.absolute(uri)
+    digest = hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()[:16]
+    profile = {"num_inputs": inputs, "num_files": len(files), "format": source_format}
+    schema = {"mlflow_colspec": [{"name": "image", "type": "binary", "required": True}]}
+    _log_input(tracking_uri, run_id, uri, digest, profile, schema)
+    tags = [RunTag(TAG_DATASET, uri), RunTag(TAG_DATASET_DIGEST, digest)]
+    _client(tracking_uri).log_batch(run_id, tags=tags)
+    return digest
+
+
+# --------------------------------------------------------------------------------------------
+# Models: log, register, promote
+# --------------------------------------------------------------------------------------------
+
+
+def check_registration(register_as: str | None, alias: str | None) -> None:
+    """Refuse a registry name or alias MLflow would refuse, before any work starts."""
+    if register_as is not None and (not register_as.strip() or any(c in register_as for c in "/:")):
+        raise ConfigError(f"run.register_as {register_as!r}: a model name cannot contain / or :")
+    if alias is None:
+        return
+    if register_as is None:
+        raise ConfigError(
+            "run.alias needs run.register_as: name the model to register (--register-as)"
+        )
+    check_alias(alias)
+
+
+def check_alias(alias: str) -> None:
+    """An alias MLflow accepts: letters, digits, _ and -, not 'latest' and not v<digits>."""
+    import re
+
+    if (
+        not re.fullmatch(r"[\w-]{1,255}", alias)
+        or alias.lower() == "latest"
+        or re.fullmatch(r"[vV]\d+", alias)
+    ):
+        raise ConfigError(
+            f"alias {alias!r} is not allowed: use letters, digits, _ and - (not 'latest', not "
+            "v<number>), e.g. prod or staging"
+        )
+
+
+def _find_logged_model(client: Any, run_id: str, kind: str, step: int) -> str | None:
+    """The id of a model this run already logged for ``step`` (a rerun of a finished job)."""
+    from svg_ray.mlflow_model import MODEL_KIND_TAG, STEP_TAG
+
+    run = client.get_run(run_id)
+    for out in (run.outputs.model_outputs if run.outputs else None) or []:
+        model = client.get_logged_model(out.model_id)
+        if model.tags.get(MODEL_KIND_TAG) == kind and model.tags.get(STEP_TAG) == str(step):
+            return str(model.model_id)
+    return None
+
+
+def export_model(
+    tracking_uri: str,
+    run_id: str,
+    kind: str,
+    path: str,
+    step: int,
+    register_as: str | None = None,
+    alias: str | None = None,
+) -> dict[str, Any]:
+    """Log ``path`` as the run's pyfunc model (``svg_ray.mlflow_model``), register it as a new
+    version of ``register_as`` and point ``alias`` at it; idempotent for a rerun of a finished
+    job. ``kind`` is 'sampler' (a bundle directory) or 'autoencoder' (its .safetensors file).
+
+    Returns ``model_id``, ``model_uri`` (``models:/<id>``) and ``version`` (None: not registered).
+    """
+    from svg_ray import mlflow_model
+
+    client = _client(tracking_uri)
+    run_tags = client.get_run(run_id).data.tags
+    lineage = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+    if kind == mlflow_model.AUTOENCODER:
+        from svg_ray.checkpoint import autoencoder_id
+
+        # The id precompute writes into a dataset manifest: it links datasets to this version.
+        lineage[TAG_AUTOENCODER_ID] = autoencoder_id(path)
+    model_id = _find_logged_model(client, run_id, kind, step)
+    if model_id is None:
+        model_id = mlflow_model.log_model(tracking_uri, run_id, kind, path, step, lineage)
+    version = None
+    if register_as:
+        version = register_model(tracking_uri, run_id, model_id, register_as, step)
+        if alias:
+            set_alias(tracking_uri, register_as, version, alias)
+        client.set_tag(run_id, TAG_REGISTERED, f"{register_as}/{version}")
+    return {"model_id": model_id, "model_uri": f"models:/{model_id}", "version": version}
+
+
+def register_model(
+    tracking_uri: str,
+    run_id: str,
+    model_id: str,
+    name: str,
+    step: int,
+    tags: dict[str, str] | None = None,
+) -> int:
+    """A new version of ``name`` for the logged model ``model_id`` (the registered model is
+    created if needed); the version already registered for this run and step, if there is one.
+
+    The version carries the logged model's kind and lineage tags, plus ``tags``.
     """
     from mlflow.exceptions import MlflowException
 
+    from svg_ray.mlflow_model import MODEL_KIND_TAG, STEP_TAG, _tracking
+
     client = _client(tracking_uri)
+    logged = client.get_logged_model(model_id).tags
+    inherited = {k: v for k, v in logged.items() if k in (MODEL_KIND_TAG, *LINEAGE_TAGS)}
     try:
-        client.create_registered_model(model_name)
+        client.create_registered_model(name)
     except MlflowException as e:  # already exists
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact}"
-    for mv in client.search_model_versions(f"name = '{model_name}'"):
-        if mv.run_id == run_id and mv.tags.get("svg_ray.step") == str(step):
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.run_id == run_id and mv.tags.get(STEP_TAG) == str(step):
             return int(mv.version)  # idempotent: a rerun of a finished job registers nothing new
-    mv = client.create_model_version(
-        model_name, source=source, run_id=run_id, tags={"svg_ray.step": str(step)}
-    )
+    # A sqlite registry resolves the models:/ source through the process-wide tracking URI.
+    with _tracking(tracking_uri):
+        mv = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags={**inherited, STEP_TAG: str(step), **(tags or {})},
+            model_id=model_id,
+        )
     return int(mv.version)
+
+
+def set_alias(tracking_uri: str, name: str, version: int | str, alias: str) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version``."""
+    check_alias(alias)
+    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))

@@ -25,6 +25,7 @@ for _k, _v in {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "AWS_EC2_METADATA_DISABLED": "true",
     "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_k, _v)

@@ -1,7 +1,8 @@
 """The sampler service for real: Ray Serve on the shared local Ray, called over HTTP on 127.0.0.1.
 
 One application (deployment options from serve/config_cpu.yaml, a tiny random bundle) serves
-every test in this module; the MLflow test adds a second one briefly. Also: the playground page
+every test in this module; the MLflow test adds a second one briefly, for the registered model of
+the ``mlflow_registry`` fixture. Also: the playground page
 in headless Chromium, a bounded load test, and autoscaling under that load. Serve is shut down
 at the end of the module; the MLflow server and Chromium are stopped by their process groups.
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
 import threading
 import time
 import urllib.error
@@ -24,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from procs import free_port, stop_process_group
+from browser import DevTools, chromium_fixture  # noqa: F401
+from mlflow_registry import SAMPLER_NAME, Registry, registry_fixture  # noqa: F401
+from procs import free_port
 from test_serve_lib import BAD_REQUESTS, NUM_CLASSES, make_bundle
 
 from svg_ray.serving.images import decode_png
@@ -195,34 +196,76 @@ def test_model_info_and_health(service: Service) -> None:
     assert h.status == 200 and h.json()["status"] == "ok"
 
 
+@pytest.mark.timeout(120)
+def test_openapi_and_docs_page_are_served_offline(service: Service) -> None:
+    r = http(service.base + "/openapi.json")
+    assert r.status == 200
+    doc = r.json()
+    op = doc["paths"]["/v1/generate"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/GenerateRequest"
+    )
+    labels = doc["components"]["schemas"]["GenerateRequest"]["properties"]["labels"]
+    assert {
+        "type": "array",
+        "items": {"type": "integer"},
+        "minItems": 1,
+        "maxItems": 16,
+    }.items() <= (labels["anyOf"][0].items())  # config_cpu.yaml: max_images_per_request 16
+    assert "GenerateResponse" in doc["components"]["schemas"]
+    page = http(service.base + "/docs")
+    assert page.status == 200 and page.headers["content-type"].startswith("text/html")
+    assert b"openapi.json" in page.body and b"cdn" not in page.body.lower()
+    # The validation behaviour is unchanged: the route still reads and checks the raw body.
+    bad = http(service.base + "/v1/generate", {"labels": [1], "steps": "3"})
+    assert bad.status == 422 and bad.json()["errors"][0]["field"] == "steps"
+
+
+@pytest.mark.timeout(180)
+def test_docs_page_renders_the_api_in_chromium(service: Service, chromium: DevTools) -> None:
+    chromium.call("Network.enable")
+    chromium.call("Runtime.enable")
+    chromium.call("Page.navigate", url=service.base + "/docs")
+    chromium.wait_for("document.querySelectorAll('table.fields').length > 0", 60)
+    rows = chromium.eval(
+        "[...document.querySelectorAll('table.fields')[0].rows].slice(1)"
+        ".map(r => [...r.cells].map(c => c.textContent))"
+    )
+    fields = {r[0].rstrip(" *"): r for r in rows}
+    assert {"labels", "label", "count", "steps", "cfg_scale", "sampler", "seed", "format"} <= set(
+        fields
+    )
+    assert fields["labels"][1] == "integer[]" and "maxItems 16" in fields["labels"][2]
+    assert fields["steps"][2] == "minimum 1, maximum 100"  # config_cpu.yaml's max_steps
+    text = chromium.eval("document.body.innerText")
+    assert "POST" in text and "/v1/generate" in text and "ErrorResponse" not in text
+    assert "422: A field is wrong" in text
+    urls = [
+        e["params"]["request"]["url"]
+        for e in chromium.events
+        if e.get("method") == "Network.requestWillBeSent"
+    ]
+    assert urls and all(u.startswith((service.base, "data:")) for u in urls), urls
+    assert not [e for e in chromium.events if e.get("method") == "Runtime.exceptionThrown"]
+
+
 # --------------------------------------------------------------------------------------------
 # Loading from the MLflow model registry
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(240)
-def test_loads_mlflow_registered_model(service: Service, mlflow_server: str) -> None:
-    """A bundle logged as run artifacts and registered serves the same images as the bundle."""
-    from mlflow import MlflowClient
+def test_loads_mlflow_registered_model(service: Service, registry: Registry) -> None:
+    """The model `svg-ray train --register-as` logs (an MLflow pyfunc model whose artifacts are
+    the bundle), served by alias, gives the same images as the bundle folder (make_bundle is
+    seeded: the registry fixture's bundle holds the same weights)."""
     from ray import serve
 
     from serve.app import compose
     from svg_ray.serving import AppArgs
 
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    exp = client.create_experiment("svg-serve-test")
-    run = client.create_run(exp)
-    client.log_artifacts(run.info.run_id, str(service.bundle), artifact_path="bundle")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model("svg-test")
-    mv = client.create_model_version(
-        "svg-test", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
-    )
-    client.set_registered_model_alias("svg-test", "prod", mv.version)
-
-    args = AppArgs.parse(
-        {"model_uri": "models:/svg-test@prod", "mlflow_tracking_uri": mlflow_server}
-    )
+    uri = f"models:/{SAMPLER_NAME}@prod"
+    args = AppArgs.parse({"model_uri": uri, "mlflow_tracking_uri": registry.tracking_uri})
     small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     app = compose(
         args, {"SVGSampler": small, "SVGIngress": {"ray_actor_options": {"num_cpus": 0.1}}}
@@ -230,11 +273,12 @@ def test_loads_mlflow_registered_model(service: Service, mlflow_server: str) -> 
     serve.run(app, name="svg-mlflow", route_prefix="/mlflow")
     try:
         info = http(service.base + "/mlflow/v1/model").json()
-        assert info["model_uri"] == "models:/svg-test@prod"
+        assert info["model_uri"] == uri
         reg = info["registered_model"]
-        assert reg["name"] == "svg-test" and reg["version"] == str(mv.version)
-        assert reg["run_id"] == run.info.run_id
-        assert info["step"] == 1234
+        assert reg["name"] == SAMPLER_NAME and reg["version"] == "1" and "prod" in reg["aliases"]
+        assert reg["run_id"] == registry.dit_run
+        assert reg["model_id"] == registry.sampler["model_id"]
+        assert info["location"].endswith("/artifacts/bundle") and info["step"] == 1234
         req = {"labels": [2, 7], "seed": 3, "steps": 3, "format": "png"}
         from_registry = http(service.base + "/mlflow/v1/generate", req)
         from_bundle = http(service.base + "/v1/generate", req)
@@ -248,82 +292,6 @@ def test_loads_mlflow_registered_model(service: Service, mlflow_server: str) -> 
 # --------------------------------------------------------------------------------------------
 
 
-class DevTools:
-    """Just enough of the Chrome DevTools protocol: commands by id, events collected."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=30))
-            if msg.get("id") == self.next_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return dict(msg.get("result", {}))
-            self.events.append(msg)
-
-    def eval(self, expr: str) -> Any:
-        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
-        return r["result"].get("value")
-
-    def wait_for(self, expr: str, timeout_s: float) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = self.eval(expr)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {expr}")
-
-
-@pytest.fixture()
-def chromium(tmp_path: Path) -> Iterator[DevTools]:
-    from websockets.sync.client import connect  # comes with ray[serve] (uvicorn[standard])
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed: run scripts/install-chromium.sh")
-    profile = tmp_path / "profile"
-    cmd = [
-        exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0",  # the chosen port lands in DevToolsActivePort
-        "about:blank",
-    ]
-    log = (tmp_path / "chromium.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.2)
-        port = port_file.read_text().split()[0]
-        pages = json.loads(http(f"http://127.0.0.1:{port}/json/list").body)
-        page = next(p for p in pages if p["type"] == "page")
-        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
-            yield DevTools(ws)
-    finally:
-        stop_process_group(proc)  # the browser and its helper processes
-        log.close()
-
-
 @pytest.mark.timeout(180)
 def test_playground_generates_in_chromium(service: Service, chromium: DevTools) -> None:
     chromium.call("Network.enable")
@@ -332,6 +300,7 @@ def test_playground_generates_in_chromium(service: Service, chromium: DevTools) 
     chromium.call("Page.navigate", url=service.base + "/")
     # The page fills the class list from /v1/model; then choose 2 classes x 2 images, 3 steps.
     chromium.wait_for("document.querySelectorAll('.cls').length === 10", 60)
+    assert chromium.eval("document.getElementById('api-docs').href") == service.base + "/docs"
     chromium.eval(
         "document.querySelectorAll('.cls').forEach((c, i) => { c.checked = i === 2 || i === 5; });"
         "document.getElementById('steps').value = 3; document.getElementById('count').value = 2;"

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from svg_ray.checkpoint import BundleInfo, CheckpointError, save_bundle
+from svg_ray.checkpoint import BundleInfo, save_bundle
 from svg_ray.config import ConfigError
 from svg_ray.data.stats import LatentStats
+from svg_ray.errors import SvgRayError
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
 from svg_ray.models.dit import DiT, dit_config
 from svg_ray.serving import AppArgs, Limits, RequestError, SamplerModel, ServerConfig
@@ -217,8 +218,9 @@ def test_serve_configs_are_valid(name: str) -> None:
 def test_registry_uri_parsing() -> None:
     assert parse_registry_uri("models:/svg-xl/3") == ("svg-xl", "3", None)
     assert parse_registry_uri("models:/svg-xl@prod") == ("svg-xl", None, "prod")
-    for bad in ("models:/", "models:/a/b/c", "models:/a/latest", "models:/a@"):
-        with pytest.raises(CheckpointError):
+    assert parse_registry_uri("models:/svg-xl/latest") == ("svg-xl", "latest", None)
+    for bad in ("models:/", "models:/a/b/c", "models:/a", "models:/a@", "models:/a/Staging"):
+        with pytest.raises(SvgRayError, match="expected models:/<name>/<version>"):
             parse_registry_uri(bad)
 
 
@@ -285,3 +287,58 @@ def test_same_request_same_bytes(model: SamplerModel) -> None:
     r2 = model.run([parse_generate(raw, model.limits)])[0]
     assert r1.pngs == r2.pngs and len(r1.pngs) == 1
     assert decode_png(r1.pngs[0]).shape == (64, 2 * 64 + 2, 3)  # a 2-image grid
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAPI document
+# --------------------------------------------------------------------------------------------
+
+
+def test_openapi_documents_the_generate_request_and_responses() -> None:
+    """/openapi.json: the request body schema with the server's bounds, and response models."""
+    from serve.app import api
+    from svg_ray.serving.openapi import openapi_schema
+
+    server = ServerConfig(max_images_per_request=5, max_steps=30, max_cfg_scale=7.0)
+    doc = openapi_schema(api, server)
+    json.dumps(doc)
+    op = doc["paths"]["/v1/generate"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert op["requestBody"]["required"] and body == {
+        "$ref": "#/components/schemas/GenerateRequest"
+    }
+    schemas = doc["components"]["schemas"]
+    req = schemas["GenerateRequest"]
+    assert req["additionalProperties"] is False
+    props = req["properties"]
+    assert {"labels", "label", "count", "steps", "cfg_scale", "seed", "format"} <= set(props)
+
+    def typed(name: str) -> dict[str, Any]:
+        return next(b for b in props[name]["anyOf"] if b.get("type") != "null")
+
+    assert typed("labels")["maxItems"] == 5 and typed("labels")["items"] == {"type": "integer"}
+    assert (typed("steps")["minimum"], typed("steps")["maximum"]) == (1, 30)
+    assert typed("cfg_scale")["maximum"] == 7.0 and typed("seed")["maximum"] == MAX_SEED
+    assert "Server default: 10" in props["steps"]["description"]
+    assert props["format"]["enum"] == ["json", "png"]
+    # Every documented example is a request the server accepts.
+    for example in req["examples"]:
+        parse_generate(json.dumps(example).encode(), Limits(server, NUM_CLASSES))
+
+    ok = op["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/GenerateResponse"}
+    assert ok["image/png"]["schema"]["format"] == "binary"
+    for code in ("400", "413", "422", "500", "503"):
+        ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/ErrorResponse", code
+    response = schemas["GenerateResponse"]["properties"]
+    assert {"images", "labels", "seeds", "seed", "settings", "timing"} <= set(response)
+    error = schemas["ErrorResponse"]["properties"]
+    assert set(error) == {"error", "errors"}
+    # The error body the server actually sends matches the documented model.
+    from svg_ray.serving.openapi import ErrorResponse
+
+    with pytest.raises(RequestError) as e:
+        parse_generate(b'{"labels": []}', Limits(server, NUM_CLASSES))
+    ErrorResponse.model_validate(e.value.body())
+    assert set(doc["paths"]) == {"/v1/generate", "/v1/model", "/healthz"}  # docs pages hidden

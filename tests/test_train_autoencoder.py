@@ -163,14 +163,18 @@ def test_trains_on_an_s3_image_folder_with_mlflow_and_registry(
     assert r.data.tags["svg_ray.run_name"] == "e2e"
     assert r.data.tags["svg_ray.storage_path"] == f"{store}/e2e"
     assert r.info.status == "FINISHED"
-    grids = [a.path for a in client.list_artifacts(r.info.run_id, "reconstructions")]
-    assert grids == [f"reconstructions/step_{s:08d}.png" for s in (10, 20, 25)]
-    png = client.download_artifacts(r.info.run_id, grids[-1], str(tmp_path))
+    # Reconstruction grids are step-indexed images (key "reconstructions").
+    grids = sorted(
+        (int(a.path.split("+step+")[1].split("+")[0]), a.path)
+        for a in client.list_artifacts(r.info.run_id, "images")
+        if a.path.startswith("images/reconstructions+") and a.path.endswith(".png")
+    )
+    assert [s for s, _ in grids] == [10, 20, 25]
+    png = client.download_artifacts(r.info.run_id, grids[-1][1], str(tmp_path))
     assert Image.open(png).size == (4 * 64 + 3 * 2, 2 * 64 + 2)  # inputs over reconstructions
-    arts = [a.path for a in client.list_artifacts(r.info.run_id, "autoencoder")]
-    assert arts == ["autoencoder/autoencoder.safetensors"]
     versions = client.search_model_versions("name = 'svg-ae-e2e'")
-    assert len(versions) == 1 and versions[0].source.endswith("/autoencoder")
+    assert len(versions) == 1 and versions[0].source.startswith("models:/m-")
+    assert versions[0].tags["svg_ray.model_kind"] == "autoencoder"
 
     # The exported autoencoder: eval mode, running alignment statistics tracked over all 25
     # steps (averaged over both ranks), then re-estimated in eval mode on centre crops of up to

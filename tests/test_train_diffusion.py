@@ -99,10 +99,12 @@ def test_trains_on_s3_latents_with_mlflow_and_registry(
     assert r.data.tags["svg_ray.run_name"] == "e2e"
     assert r.data.tags["svg_ray.storage_path"] == f"{s3_root}/runs/e2e"
     assert r.info.status == "FINISHED"
-    arts = [a.path for a in client.list_artifacts(r.info.run_id, "samples")]
-    assert arts == ["samples/step_00000040.png"]
+    grids = [a.path for a in client.list_artifacts(r.info.run_id, "images")]
+    assert next(p for p in grids if p.endswith(".png")).startswith("images/samples+step+40+")
+    assert r.data.tags["mlflow.source.git.commit"] and r.data.tags["svg_ray.dataset_digest"]
     versions = client.search_model_versions("name = 'svg-e2e'")
-    assert len(versions) == 1 and versions[0].source.endswith("/bundle")
+    assert len(versions) == 1 and versions[0].source.startswith("models:/m-")
+    assert versions[0].tags["svg_ray.model_kind"] == "sampler"
     # checkpoints (2 kept) and the bundle live in the S3 bucket
     keys = [o["Key"] for o in s3_ray.client().list_objects_v2(
         Bucket=s3_ray.bucket, Prefix="train-e2e/runs/e2e/")["Contents"]]  # fmt: skip

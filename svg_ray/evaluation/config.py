@@ -95,7 +95,8 @@ class GenerationEval:
     """FID and Inception Score of a sampler bundle's images against reference statistics."""
 
     bundle: str = ""
-    """Sampler bundle folder (local or s3://) with bundle.json, dit_ema and autoencoder."""
+    """Sampler bundle folder (local or s3://) with bundle.json, dit_ema and autoencoder, or a
+    registered model: models:/<name>/<version>, models:/<name>/latest, models:/<name>@<alias>."""
     reference: str = ""
     """Reference: an .npz with mu/sigma (2048-d Inception pool), or real images (folder tree
     <root>/<class>/<image> or Parquet)."""
@@ -140,7 +141,8 @@ class GenerationEval:
         )
         require(self.reference_limit >= 0, "eval.reference_limit must be >= 0")
         require(self.preview >= 0, "eval.preview must be >= 0")
-        self.bundle = storage.absolute(self.bundle)
+        if not self.bundle.startswith("models:/"):  # a registry URI is resolved by launch
+            self.bundle = storage.absolute(self.bundle)
         self.reference = storage.absolute(self.reference)
 
 
@@ -149,7 +151,8 @@ class ReconstructionEval:
     """rFID, PSNR, SSIM and LPIPS of the autoencoder on held-out images."""
 
     autoencoder: str = ""
-    """Autoencoder checkpoint (.safetensors) or a sampler bundle folder holding one."""
+    """Autoencoder checkpoint (.safetensors), a sampler bundle folder holding one, or a registered
+    model (models:/<name>/<version>, /latest or @<alias>)."""
     data: str = ""
     """Held-out images: folder tree <root>/<class>/<image> or Parquet; local or s3://."""
     input_format: InputFormat = "auto"
@@ -174,7 +177,8 @@ class ReconstructionEval:
             _sha_ok(self.lpips_sha256),
             f"eval.lpips_sha256 must be 64 hex digits, got {self.lpips_sha256!r}",
         )
-        self.autoencoder = storage.absolute(self.autoencoder)
+        if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
+            self.autoencoder = storage.absolute(self.autoencoder)
         self.data = storage.absolute(self.data)
 
 
@@ -183,7 +187,8 @@ class ProbeEval:
     """Linear probe on the pooled latent: DINO part, residual part, both."""
 
     autoencoder: str = ""
-    """Autoencoder checkpoint (.safetensors) or a sampler bundle folder holding one."""
+    """Autoencoder checkpoint (.safetensors), a sampler bundle folder holding one, or a registered
+    model (models:/<name>/<version>, /latest or @<alias>)."""
     data: str = ""
     """Labelled images: folder tree <root>/<class>/<image> or Parquet with a label column."""
     test_data: str = ""
@@ -215,7 +220,8 @@ class ProbeEval:
         require(self.limit >= 0, "eval.limit must be >= 0")
         require(self.regularization > 0, "eval.regularization must be positive")
         require(self.max_iter >= 1, "eval.max_iter must be >= 1")
-        self.autoencoder = storage.absolute(self.autoencoder)
+        if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
+            self.autoencoder = storage.absolute(self.autoencoder)
         self.data = storage.absolute(self.data)
         if self.test_data:
             self.test_data = storage.absolute(self.test_data)

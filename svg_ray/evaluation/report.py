@@ -3,6 +3,11 @@
 The three files go to ``<out>/<name>/`` (local or s3://) and, as artifacts under ``evaluation/``,
 to the MLflow run, which also gets every metric and the flattened config as params. A rerun with
 the same name and output folder re-attaches to the same MLflow run (``find_or_create_run``).
+
+Lineage: the run is tagged with the model it scored (``svg_ray.model_uri``, and for a registered
+model ``svg_ray.model_version`` = ``<name>/<version>`` plus an MLflow model input) and with the
+run that trained it (``svg_ray.training_run``); the model version gets the headline metrics
+(``fid``, ``is``, ``rfid``, ...) and ``eval_run_id`` as tags.
 """
 
 from __future__ import annotations
@@ -115,6 +120,26 @@ def render_html(result: EvalResult, png: bytes) -> str:
     )
 
 
+TAG_MODEL_URI = "svg_ray.model_uri"
+TAG_MODEL_VERSION = "svg_ray.model_version"
+TAG_TRAINING_RUN = "svg_ray.training_run"
+TAG_EVAL_TASK = "svg_ray.eval_task"
+EVAL_RUN_TAG = "eval_run_id"
+"""Model-version tag naming the evaluation run whose metrics the version carries."""
+SHORT_NAMES = {"inception_score": "is"}
+
+
+@dataclass
+class ScoredModel:
+    """What an evaluation scored: the URI as given, its registry version, its training run."""
+
+    uri: str
+    registry: Any = None
+    """``serving.source.RegistryModel`` for a ``models:/`` URI, else None."""
+    training_run: str | None = None
+    """The MLflow run that trained it, when known."""
+
+
 @dataclass
 class TrackingRun:
     """The MLflow run an evaluation logs to."""
@@ -134,6 +159,46 @@ def open_tracking(run: EvalRun, task: str) -> TrackingRun | None:
         uri, run.experiment, run.name, run.results_uri, kind=f"eval-{task}"
     )
     return TrackingRun(uri, run_id)
+
+
+def link_model(tr: TrackingRun | None, scored: ScoredModel) -> None:
+    """Tag the evaluation run with the model it scores and the run that trained it; a logged
+    model becomes the run's MLflow model input (the UI links the two)."""
+    if tr is None:
+        return
+    from mlflow.entities import LoggedModelInput, RunTag
+
+    from svg_ray.tracking import RunLogger
+
+    tags = {TAG_MODEL_URI: scored.uri}
+    if scored.training_run:
+        tags[TAG_TRAINING_RUN] = scored.training_run
+    model = scored.registry
+    client = RunLogger(tr.tracking_uri, tr.run_id).client
+    if model is not None:
+        tags[TAG_MODEL_VERSION] = f"{model.name}/{model.version}"
+        if model.model_id:
+            client.log_inputs(tr.run_id, models=[LoggedModelInput(model.model_id)])
+    client.log_batch(tr.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def tag_model_version(tr: TrackingRun | None, scored: ScoredModel, result: EvalResult) -> None:
+    """Put the headline metrics (no spreads) and this run's id on the scored model version."""
+    model = scored.registry
+    if tr is None or model is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tr.tracking_uri, registry_uri=model.tracking_uri)
+    client.set_tag(tr.run_id, TAG_EVAL_TASK, result.task)
+    tags = {
+        SHORT_NAMES.get(k, k): f"{v:.6g}"
+        for k, v in result.metrics.items()
+        if not k.endswith("_std")
+    }
+    tags[EVAL_RUN_TAG] = tr.run_id
+    for key, value in tags.items():
+        client.set_model_version_tag(model.name, model.version, key, value)
 
 
 def mark_failed(tr: TrackingRun | None) -> None:

@@ -1,5 +1,6 @@
 """The SVG sampler as an HTTP service: config and bounds, request schema, the batched sampler,
-model sources (bundle directory or MLflow registry), PNG encoding and the playground page.
+model sources (bundle directory or MLflow registry), PNG encoding, the playground page, the
+OpenAPI document and its docs page, and the checks ``svg-ray serve`` runs before Ray starts.
 
 Ray Serve objects live in ``serve/app.py``; everything here runs without Ray.
 """

@@ -131,9 +131,9 @@ class AppArgs:
     """Everything the application needs: which model, and how to serve it."""
 
     model_uri: str = ""
-    """Sampler bundle: a local directory, ``s3://...``, or ``models:/<name>/<version>``
-    (also ``models:/<name>@<alias>``) in the MLflow model registry. Empty: SVG_RAY_MODEL_URI,
-    then outputs/demo/bundle."""
+    """Sampler bundle: a local directory, ``s3://...``, or a registered model in MLflow:
+    ``models:/<name>/<version>``, ``models:/<name>/latest`` or ``models:/<name>@<alias>``.
+    Empty: SVG_RAY_MODEL_URI, then outputs/demo/bundle."""
     mlflow_tracking_uri: str = ""
     """MLflow server for ``models:/`` URIs; empty: MLFLOW_TRACKING_URI of the replica."""
     server: ServerConfig = field(default_factory=ServerConfig)

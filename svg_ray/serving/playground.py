@@ -26,6 +26,8 @@ PLAYGROUND_HTML = """<!doctype html>
 <body>
 <h1>SVG sampler</h1>
 <p id="model">loading model info...</p>
+<p>API: <a id="api-docs" href="docs">reference</a> (<a href="openapi.json">openapi.json</a>):
+<code>POST v1/generate</code>, <code>GET v1/model</code>.</p>
 <form id="form" onsubmit="return false">
   <fieldset><legend>Classes</legend><div id="classes"></div></fieldset>
   <fieldset><legend>Sampler</legend>

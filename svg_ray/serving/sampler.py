@@ -62,7 +62,8 @@ class JobResult:
         }
 
 
-def _resolve_device(device: str) -> torch.device:
+def torch_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cpu' and 'cuda[:i]' as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -104,7 +105,7 @@ class SamplerModel:
         t0 = time.perf_counter()
         if args.server.torch_threads:
             torch.set_num_threads(args.server.torch_threads)
-        device = _resolve_device(args.server.device)
+        device = torch_device(args.server.device)
         (dit, ae, info), source = with_bundle(
             args.model_uri, lambda uri: load_bundle(uri, device), args.mlflow_tracking_uri
         )

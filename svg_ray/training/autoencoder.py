@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import tempfile
 from collections.abc import Iterator
@@ -239,6 +240,15 @@ def plan(cfg: AETrainConfig, loss_cfg: AELossConfig, run: RunSettings) -> JobPla
         ),
         shared={"images": v.images, "plan": v.plan},
         tags={"svg_ray.losses": enabled},
+        record_inputs=functools.partial(_record_images, cfg=cfg, plan=v.plan),
+    )
+
+
+def _record_images(tracking_uri: str, run_id: str, cfg: AETrainConfig, plan: ImagePlan) -> None:
+    from svg_ray import tracking
+
+    tracking.log_images_input(
+        tracking_uri, run_id, cfg.input, plan.sources, plan.inputs, plan.source_format
     )
 
 
@@ -492,7 +502,7 @@ def _log_recon(logger: Any, ae: SVGAutoencoder, x: torch.Tensor, n: int, step: i
     finally:
         ae.train()
     grid = image_grid(torch.cat([to_uint8(x), to_uint8(recons)]), nrow=len(x))
-    logger.image(grid.numpy(), f"reconstructions/step_{step:08d}.png")
+    logger.image(grid.numpy(), "reconstructions", step)
 
 
 def _export(
@@ -520,13 +530,7 @@ def _export(
         local = Path(d) / AE_FILE
         save_autoencoder(ae, str(local), extra)
         storage.write_bytes(storage.join(run.run_uri, AE_FILE), local.read_bytes())
-        logger.artifacts(d, tracking.AUTOENCODER_ARTIFACT)
-    if run.register_as:
-        version = tracking.register_bundle(
-            run.tracking_uri,
-            run.run_id,
-            run.register_as,
-            step,
-            artifact=tracking.AUTOENCODER_ARTIFACT,
-        )
-        logger.set_tag("svg_ray.registered", f"{run.register_as}/{version}")
+        tracking.export_model(
+            run.tracking_uri, run.run_id, "autoencoder", str(local), step, run.register_as,
+            run.alias,
+        )  # fmt: skip

@@ -96,6 +96,8 @@ class RunSettings:
     in ./outputs."""
     register_as: str | None = None
     """Register the final model under this MLflow model name (None: do not register)."""
+    alias: str | None = None
+    """With register_as: point this registry alias (e.g. 'prod') at the new version."""
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "run.name must be a non-empty name")
@@ -103,6 +105,9 @@ class RunSettings:
         require(self.cpus_per_worker > 0, "run.cpus_per_worker must be positive")
         require(self.max_failures >= 0, "run.max_failures must be >= 0")
         require(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        from svg_ray.tracking import check_registration
+
+        check_registration(self.register_as, self.alias)
         if on_cluster():
             # The job's working directory is a temporary folder on the head node: a default
             # local store would be deleted with it, and workers on other nodes never see it.

@@ -9,6 +9,7 @@ batches, ``diffusion_step``, and the export of the EMA sampler bundle (storage, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 from collections.abc import Iterator
@@ -179,7 +180,14 @@ def plan(cfg: DiffusionTrainConfig, run: RunSettings) -> JobPlan:
             f"{len(index.files)} shards{' (held in memory)' if in_memory else ' (streamed)'}"
         ),
         shared={"index": index},
+        record_inputs=functools.partial(_record_dataset, manifest=manifest, uri=cfg.data),
     )
+
+
+def _record_dataset(tracking_uri: str, run_id: str, manifest: DatasetManifest, uri: str) -> None:
+    from svg_ray import tracking
+
+    tracking.log_dataset_input(tracking_uri, run_id, manifest, uri)
 
 
 def launch(cfg: DiffusionTrainConfig, run: RunSettings) -> DiffusionResult:
@@ -351,7 +359,7 @@ def _log_samples(
     labels = torch.arange(16) % n_cls
     scfg = SamplerConfig(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg)
     imgs = generate(ema_model, ae, manifest.latent_stats, labels, list(range(16)), scfg)
-    logger.image(image_grid(to_uint8(imgs), nrow=8).numpy(), f"samples/step_{step:08d}.png")
+    logger.image(image_grid(to_uint8(imgs), nrow=8).numpy(), "samples", step)
 
 
 def _export(
@@ -383,8 +391,7 @@ def _export(
     ema_cpu = ema_model.to("cpu")
     with tempfile.TemporaryDirectory() as d:
         save_bundle(d, ema_cpu, ae.to("cpu"), info)
-        logger.artifacts(d, tracking.BUNDLE_ARTIFACT)
+        tracking.export_model(
+            run.tracking_uri, run.run_id, "sampler", d, step, run.register_as, run.alias
+        )
     save_bundle(storage.join(run.run_uri, BUNDLE_DIR), ema_cpu, ae, info)
-    if run.register_as:
-        version = tracking.register_bundle(run.tracking_uri, run.run_id, run.register_as, step)
-        logger.set_tag("svg_ray.registered", f"{run.register_as}/{version}")

@@ -56,6 +56,8 @@ class RunContext:
     """The run's folder: checkpoints and exported models."""
     register_as: str | None = None
     """MLflow model name to register the exported model under (None: do not register)."""
+    alias: str | None = None
+    """Registry alias to point at the new version (with ``register_as``)."""
 
 
 @dataclass
@@ -111,6 +113,8 @@ class JobPlan:
     pickled to the workers as they are, beside the typed spec."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra MLflow run tags."""
+    record_inputs: Callable[[str, str], Any] | None = None
+    """(tracking URI, run id) -> records the training data as the run's MLflow dataset input."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +401,10 @@ def launch(plan: JobPlan, run: RunSettings) -> RunResult:
     )
     tracking.log_params_or_refuse_changes(tracking_uri, run_id, plan.params)
     tracking.start_run(tracking_uri, run_id, plan.tags)
-    context = RunContext(tracking_uri, run_id, run.run_uri, run.register_as)
+    tracking.record_provenance(tracking_uri, run_id)
+    if plan.record_inputs is not None:
+        plan.record_inputs(tracking_uri, run_id)
+    context = RunContext(tracking_uri, run_id, run.run_uri, run.register_as, run.alias)
     print(
         f"[{task.label}] {'resuming' if resumed else 'starting'} run {run.name!r} "
         f"(MLflow run {run_id}); {plan.describe}",
