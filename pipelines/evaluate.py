@@ -3,12 +3,12 @@
     svg-ray eval generation --bundle outputs/runs/svg-run/bundle --num-images 50000 \\
         --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth --sampler-cfg-scale 1.5
-    svg-ray eval reconstruction --autoencoder ae.safetensors --data data/imagenet/val \\
+    svg-ray eval reconstruction --autoencoder ae.safetensors --input data/imagenet/val \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth \\
         --lpips-vgg-weights vgg16-397923af.pth
-    svg-ray eval probe --autoencoder ae.safetensors --data data/train --test-data data/val
+    svg-ray eval probe --autoencoder ae.safetensors --input data/train --test-input data/val
     ray job submit --working-dir . -- python -m pipelines.evaluate generation ... \\
-        --workers 8 --gpus-per-worker 1 --out s3://bucket/eval
+        --num-workers 8 --gpus-per-worker 1 --out s3://bucket/eval
 
 Results: <out>/<name>/results.json, report.png and report.html, and the same in MLflow.
 """
@@ -40,12 +40,18 @@ _TASK_HELP = {
 def _sections(task: str) -> list[Section]:
     """The settings of one task: its own, the sampler's or Inception's, and the run's."""
     own = {"generation": GenerationEval, "reconstruction": ReconstructionEval, "probe": ProbeEval}
-    sections = [Section("eval", own[task])]
+    # The flags of an earlier vocabulary still work, with a deprecation warning.
+    renamed = {"data": "input", "test_data": "test_input"} if task != "generation" else {}
+    sections = [Section("eval", own[task], aliases=renamed)]
     if task == "generation":
         sections.append(Section("sampler", SamplerConfig, prefix="sampler_", group="sampler"))
     if task != "probe":
         sections.append(Section("inception", InceptionSettings, group="inception"))
-    sections.append(Section("run", EvalRun, group="run", defaults={"name": task}))
+    sections.append(
+        Section(
+            "run", EvalRun, group="run", defaults={"name": task}, aliases={"workers": "num_workers"}
+        )
+    )
     return sections
 
 

@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(CPU_CONFIG), help="Serve config file to take from")
     p.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
-    p.add_argument("--mlflow-tracking-uri", default="", help="MLflow server for models:/ URIs")
+    p.add_argument(
+        "--tracking-uri", "--mlflow-tracking-uri", dest="tracking_uri", default="",
+        help="MLflow server for models:/ URIs (default: MLFLOW_TRACKING_URI)",
+    )  # fmt: skip
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     p.add_argument(
         "--device", default="auto",
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything that can be wrong is checked here, in seconds, before Ray starts.
     cfg = load_serve_config(a.config)
-    overrides = {"model_uri": a.model_uri, "mlflow_tracking_uri": a.mlflow_tracking_uri}
+    overrides = {"model_uri": a.model_uri, "mlflow_tracking_uri": a.tracking_uri}
     args = AppArgs.parse({**cfg.args, **{k: v for k, v in overrides.items() if v}})
     args, deployments = place_device(args, cfg.deployments, a.device)
     args, what = check_model(args)
@@ -186,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False)
+    from svg_ray.ray_cluster import ensure_ray
+
+    ensure_ray(a.num_cpus, address="")  # the endpoint runs on this machine's own Ray
     signal.signal(signal.SIGTERM, _stop)
     try:
         serve.start(http_options=http)

@@ -377,7 +377,7 @@ def test_cli_input_errors_are_one_line_user_errors(
             INCEPTION_OPTION,
         ),
         (["generation", "--bundle", "b", "--reference", "r", "--num-images", "5"], "is_splits"),
-        (["reconstruction", "--autoencoder", "ae", "--data", "d", "--chunk-size", "0"], "chunk"),
+        (["reconstruction", "--autoencoder", "ae", "--input", "d", "--chunk-size", "0"], "chunk"),
         (
             [
                 "generation", "--bundle", str(bundle_dir), "--reference", str(tmp_path / "no.npz"),
@@ -412,7 +412,7 @@ def test_generation_fid_and_is_on_ray_workers_to_mlflow(
     # Reference from real images on 2 workers; its statistics are saved for the second run.
     rc = _evaluate(
         "generation", *common, "--reference", str(digits_folder), "--reference-limit", "4",
-        "--save-reference", str(ref_npz), "--workers", "2", "--name", "from-images",
+        "--save-reference", str(ref_npz), "--num-workers", "2", "--name", "from-images",
     )  # fmt: skip
     assert rc == 0
     first = _results(out, "from-images")
@@ -489,7 +489,7 @@ def test_reconstruction_metrics_on_held_out_images(
     pq.write_table(pa.table({"image": [p.read_bytes() for p in pngs]}), data)
     out = tmp_path / "eval"
     rc = _evaluate(
-        "reconstruction", "--autoencoder", str(autoencoder_file), "--data", str(data),
+        "reconstruction", "--autoencoder", str(autoencoder_file), "--input", str(data),
         "--limit", "6", "--inception-weights", str(inception_file), "--lpips-vgg-weights",
         str(vgg_file), "--chunk-size", "4", "--preview", "3", "--out", str(out),
         "--tracking-uri", mlflow_server,
@@ -511,8 +511,8 @@ def test_probe_on_latent_parts(
 ) -> None:
     out = tmp_path / "eval"
     rc = _evaluate(
-        "probe", "--autoencoder", str(autoencoder_file), "--data", str(digits_folder),
-        "--test-fraction", "0.25", "--chunk-size", "64", "--workers", "2", "--out", str(out),
+        "probe", "--autoencoder", str(autoencoder_file), "--input", str(digits_folder),
+        "--test-fraction", "0.25", "--chunk-size", "64", "--num-workers", "2", "--out", str(out),
         "--no-mlflow",
     )  # fmt: skip
     assert rc == 0

@@ -81,7 +81,7 @@ def test_evaluations_of_registered_models_tag_the_versions_and_link_the_runs(
     probe = launch(
         "probe",
         _run("lineage-probe", tmp_path, uri),
-        probe=ProbeEval(autoencoder=f"models:/{AE_NAME}/1", data=str(digits), max_iter=50),
+        probe=ProbeEval(autoencoder=f"models:/{AE_NAME}/1", input=str(digits), max_iter=50),
     )
     ae = client.get_model_version(AE_NAME, "1")
     both = probe["metrics"]["probe_both_test_accuracy"]
@@ -94,7 +94,7 @@ def test_evaluations_of_registered_models_tag_the_versions_and_link_the_runs(
         launch(
             "probe",
             _run("lineage-missing", tmp_path, uri),
-            probe=ProbeEval(autoencoder=f"models:/{AE_NAME}/9", data=str(digits)),
+            probe=ProbeEval(autoencoder=f"models:/{AE_NAME}/9", input=str(digits)),
         )
     exp = client.get_experiment_by_name(EXPERIMENT)
     names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}

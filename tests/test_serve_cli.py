@@ -92,7 +92,7 @@ def test_device_is_checked_and_placed(no_ray: None, capsys: pytest.CaptureFixtur
 def test_registry_mistakes_are_one_line_within_seconds(
     no_ray: None, registry: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = ["--mlflow-tracking-uri", registry.tracking_uri]
+    server = ["--tracking-uri", registry.tracking_uri]
     cases = [
         (f"models:/{SAMPLER_NAME}/99", "has no version 99"),
         (f"models:/{SAMPLER_NAME}@canary", "has no alias 'canary'"),
@@ -106,7 +106,11 @@ def test_registry_mistakes_are_one_line_within_seconds(
         assert seconds < 20, (uri, seconds)
     down = f"http://127.0.0.1:{free_port()}"
     code, err, seconds = _serve(
-        capsys, "--model-uri", f"models:/{SAMPLER_NAME}/1", "--mlflow-tracking-uri", down
+        capsys,
+        "--model-uri",
+        f"models:/{SAMPLER_NAME}/1",
+        "--mlflow-tracking-uri",
+        down,  # the old flag still works
     )
     _one_line_error(code, err, f"cannot reach the MLflow tracking server at {down}")
     assert seconds < 20

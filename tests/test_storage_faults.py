@@ -246,7 +246,7 @@ def test_evaluation_reads_every_image_under_faults(
         )
     hit = [f"faults/eval/{i}" for i in good[1::3]]
     faulty.set_rules(*_burst_rules(hit, s3.bucket))
-    common = ["--autoencoder", ae_path, "--data", s3.uri("faults/eval"), "--chunk-size", "16"]
+    common = ["--autoencoder", ae_path, "--input", s3.uri("faults/eval"), "--chunk-size", "16"]
     common += ["--out", str(tmp_path / "eval"), "--no-mlflow", "--test-fraction", "0.25"]
     assert evaluate(["probe", *common]) == 0
     res = storage.read_json(str(tmp_path / "eval" / "probe" / "results.json"))

@@ -32,7 +32,7 @@ class EvalRun:
     """MLflow tracking URI; default: MLFLOW_TRACKING_URI or a sqlite store in ./outputs."""
     mlflow: bool = True
     """Log metrics and the report to MLflow (--no-mlflow: only the files under --out)."""
-    workers: int = 1
+    num_workers: int = 1
     """Ray actors computing images and features (one per GPU on a cluster)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor."""
@@ -41,7 +41,7 @@ class EvalRun:
     decode_cpus: float = 0.5
     """CPUs per image-decoding actor (real-image inputs only; up to two of them)."""
     chunk_size: int = 64
-    """Images per unit of work; results depend on it (batch numerics), never on --workers."""
+    """Images per unit of work; results depend on it (batch numerics), never on --num-workers."""
     batch_size: int = 32
     """Images per forward pass inside a chunk."""
     torch_threads: int = 0
@@ -50,7 +50,7 @@ class EvalRun:
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "eval.name must be a non-empty name")
         require(bool(self.out), "eval.out must name a folder or s3:// prefix (--out)")
-        require(self.workers >= 1, f"eval.workers must be >= 1, got {self.workers}")
+        require(self.num_workers >= 1, f"eval.num_workers must be >= 1, got {self.num_workers}")
         require(self.cpus_per_worker > 0, "eval.cpus_per_worker must be positive")
         require(self.gpus_per_worker >= 0, "eval.gpus_per_worker must be >= 0")
         require(self.decode_cpus > 0, "eval.decode_cpus must be positive")
@@ -153,7 +153,7 @@ class ReconstructionEval:
     autoencoder: str = ""
     """Autoencoder checkpoint (.safetensors), a sampler bundle folder holding one, or a registered
     model (models:/<name>/<version>, /latest or @<alias>)."""
-    data: str = ""
+    input: str = ""
     """Held-out images: folder tree <root>/<class>/<image> or Parquet; local or s3://."""
     input_format: InputFormat = "auto"
     """'auto', 'folder' or 'parquet'."""
@@ -170,7 +170,7 @@ class ReconstructionEval:
 
     def __post_init__(self) -> None:
         require(bool(self.autoencoder), "eval.autoencoder must name a checkpoint (--autoencoder)")
-        require(bool(self.data), "eval.data must name held-out images (--data)")
+        require(bool(self.input), "eval.input must name held-out images (--input)")
         require(self.limit >= 0, "eval.limit must be >= 0")
         require(self.preview >= 0, "eval.preview must be >= 0")
         require(
@@ -179,7 +179,7 @@ class ReconstructionEval:
         )
         if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
             self.autoencoder = storage.absolute(self.autoencoder)
-        self.data = storage.absolute(self.data)
+        self.input = storage.absolute(self.input)
 
 
 @dataclass
@@ -189,12 +189,12 @@ class ProbeEval:
     autoencoder: str = ""
     """Autoencoder checkpoint (.safetensors), a sampler bundle folder holding one, or a registered
     model (models:/<name>/<version>, /latest or @<alias>)."""
-    data: str = ""
+    input: str = ""
     """Labelled images: folder tree <root>/<class>/<image> or Parquet with a label column."""
-    test_data: str = ""
-    """Labelled test images with the same classes ('': hold out --test-fraction of --data)."""
+    test_input: str = ""
+    """Labelled test images with the same classes ('': hold out --test-fraction of --input)."""
     test_fraction: float = 0.2
-    """Stratified share of --data held out for testing when --test-data is not given."""
+    """Stratified share of --input held out for testing when --test-input is not given."""
     input_format: InputFormat = "auto"
     """'auto', 'folder' or 'parquet'."""
     image_column: str = schema.COL_IMAGE
@@ -212,7 +212,7 @@ class ProbeEval:
 
     def __post_init__(self) -> None:
         require(bool(self.autoencoder), "eval.autoencoder must name a checkpoint (--autoencoder)")
-        require(bool(self.data), "eval.data must name labelled images (--data)")
+        require(bool(self.input), "eval.input must name labelled images (--input)")
         require(
             0.0 < self.test_fraction < 1.0,
             f"eval.test_fraction must be in (0, 1), got {self.test_fraction}",
@@ -222,6 +222,6 @@ class ProbeEval:
         require(self.max_iter >= 1, "eval.max_iter must be >= 1")
         if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
             self.autoencoder = storage.absolute(self.autoencoder)
-        self.data = storage.absolute(self.data)
-        if self.test_data:
-            self.test_data = storage.absolute(self.test_data)
+        self.input = storage.absolute(self.input)
+        if self.test_input:
+            self.test_input = storage.absolute(self.test_input)

@@ -140,11 +140,11 @@ def start_ray(run: EvalRun) -> None:
 
     ensure_ray()
     check_resources(
-        run.workers * run.cpus_per_worker + run.decode_cpus,
-        run.workers * run.gpus_per_worker,
-        f"{run.workers} worker(s) x {run.cpus_per_worker:g} CPUs and {run.gpus_per_worker:g} "
+        run.num_workers * run.cpus_per_worker + run.decode_cpus,
+        run.num_workers * run.gpus_per_worker,
+        f"{run.num_workers} worker(s) x {run.cpus_per_worker:g} CPUs and {run.gpus_per_worker:g} "
         f"GPUs + a decoder x {run.decode_cpus:g} CPUs",
-        "lower --workers, --cpus-per-worker or --gpus-per-worker",
+        "lower --num-workers, --cpus-per-worker or --gpus-per-worker",
     )
 
 
@@ -187,7 +187,7 @@ def run_stage(
         batch_size=1,
         num_cpus=run.cpus_per_worker,
         num_gpus=run.gpus_per_worker,
-        compute=ray.data.ActorPoolStrategy(size=run.workers),
+        compute=ray.data.ActorPoolStrategy(size=run.num_workers),
     )
     rows = ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
     with storage.unwrap_storage_errors():  # storage that kept failing: one line, not a trace
@@ -349,7 +349,7 @@ def evaluate_generation(
         "labels": "index % classes" if cfg.label_mode == "cycle" else f"random (seed {cfg.seed})",
         "bundle_step": int(meta.get("step", 0)),
         "seconds_reference": round(t_ref, 3),
-        "workers": run.workers,
+        "workers": run.num_workers,
     }
     return EvalResult(
         task="generation",
@@ -393,8 +393,8 @@ def evaluate_reconstruction(
     _, sha = inception_weights(incep.inception_weights, incep.inception_sha256)
     _warn_nonstandard(sha)
     resolve_asset(cfg.lpips_vgg_weights, "--lpips-vgg-weights (torchvision's vgg16-397923af.pth)")
-    plan = plan_images(cfg.data, cfg.input_format, cfg.image_column, None, cfg.limit, "--data")
-    require(len(plan.ids) >= 2, f"--data: {cfg.data} holds fewer than 2 images (rFID needs 2)")
+    plan = plan_images(cfg.input, cfg.input_format, cfg.image_column, None, cfg.limit, "--input")
+    require(len(plan.ids) >= 2, f"--input: {cfg.input} holds fewer than 2 images (rFID needs 2)")
     validated()  # every input checked: only now open the MLflow run
     start_ray(run)
     specs = image_chunk_specs([plan], cfg.image_column, run.chunk_size)
@@ -411,7 +411,7 @@ def evaluate_reconstruction(
     preview_real, preview_recon = [], []
     decode = ae_cfg.resolution
     for row in run_stage(specs, stages.ReconstructFeatures, kwargs, run, decode_resolution=decode):
-        require_decoded(row, "--data")
+        require_decoded(row, "--input")
         real = real.merge(FeatureMoments.of(np.asarray(stages.one(row, "pool_real"))))
         recon = recon.merge(FeatureMoments.of(np.asarray(stages.one(row, "pool_recon"))))
         for k in per_image:
@@ -420,7 +420,7 @@ def evaluate_reconstruction(
         preview_recon.append(np.asarray(stages.one(row, "preview_recon")))
     values = {k: np.concatenate(v) for k, v in per_image.items()}
     n = len(plan.ids)
-    check_count(f"held-out images under {cfg.data}", n, real.count)
+    check_count(f"held-out images under {cfg.input}", n, real.count)
     for k, v in values.items():
         check_count(f"per-image {k}", n, len(v))
     rfid = frechet_distance(real.mean, real.covariance(), recon.mean, recon.covariance())
@@ -433,13 +433,13 @@ def evaluate_reconstruction(
         metrics=metrics,
         details={
             "num_images": n,
-            "data": cfg.data,
+            "input": cfg.input,
             "autoencoder": ae_uri,
             "resolution": ae_cfg.resolution,
             "inception": inception_details(incep, sha),
             "lpips": {"vgg_weights": cfg.lpips_vgg_weights},
             "psnr_max_db": 100.0,
-            "workers": run.workers,
+            "workers": run.num_workers,
         },
         config={"reconstruction": dataclasses.asdict(cfg), "run": dataclasses.asdict(run)},
         seconds=time.perf_counter() - t0,
@@ -464,17 +464,17 @@ def evaluate_probe(
     ae_uri = autoencoder_file(cfg.autoencoder)
     ae_cfg = autoencoder_config(ae_uri)
     train_plan = plan_images(
-        cfg.data, cfg.input_format, cfg.image_column, cfg.label_column, cfg.limit, "--data"
+        cfg.input, cfg.input_format, cfg.image_column, cfg.label_column, cfg.limit, "--input"
     )
     plans = [train_plan]
-    if cfg.test_data:
+    if cfg.test_input:
         test_plan = plan_images(
-            cfg.test_data, cfg.input_format, cfg.image_column, cfg.label_column, cfg.limit,
-            "--test-data",
+            cfg.test_input, cfg.input_format, cfg.image_column, cfg.label_column, cfg.limit,
+            "--test-input",
         )  # fmt: skip
         if test_plan.class_names != train_plan.class_names:
             raise ConfigError(
-                f"--test-data has classes {test_plan.class_names[:5]}... but --data has "
+                f"--test-input has classes {test_plan.class_names[:5]}... but --input has "
                 f"{train_plan.class_names[:5]}...: both need the same class names"
             )
         plans.append(test_plan)
@@ -484,13 +484,13 @@ def evaluate_probe(
     kwargs = {"autoencoder": ae_uri}
     pooled, labels = [], []
     for row in run_stage(specs, stages.EncodePooled, kwargs, run, ae_cfg.resolution):
-        require_decoded(row, "--data/--test-data")
+        require_decoded(row, "--input/--test-input")
         pooled.append(np.asarray(stages.one(row, "pooled"), np.float64))
         labels.append(np.asarray(stages.one(row, "labels"), np.int64))
     x, y = np.concatenate(pooled), np.concatenate(labels)
     n_listed = sum(len(p.ids) for p in plans)
     check_count("probe images", n_listed, len(x))
-    if cfg.test_data:
+    if cfg.test_input:
         train = np.arange(len(train_plan.ids))
         test = np.arange(len(train_plan.ids), n_listed)
     else:
@@ -519,7 +519,7 @@ def evaluate_probe(
             "converged": {p: r.converged for p, r in results.items()},
             "autoencoder": ae_uri,
             "pooling": "mean over the latent grid",
-            "workers": run.workers,
+            "workers": run.num_workers,
         },
         config={"probe": dataclasses.asdict(cfg), "run": dataclasses.asdict(run)},
         seconds=time.perf_counter() - t0,

@@ -77,7 +77,7 @@ def split_train_test(
     if len(few):
         raise ConfigError(
             f"classes {few[:5].tolist()} have fewer than 2 images: a stratified hold-out needs "
-            "2 per class; add images or give a separate --test-data"
+            "2 per class; add images or give a separate --test-input"
         )
     n_test = max(len(classes), round(test_fraction * len(labels)))
     if len(labels) - n_test < len(classes):

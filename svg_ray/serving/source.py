@@ -149,7 +149,7 @@ def _fail_fast() -> Iterator[None]:
                 os.environ.pop(k, None)
 
 
-def check_reachable(tracking_uri: str, option: str = "--mlflow-tracking-uri") -> None:
+def check_reachable(tracking_uri: str, option: str = "--tracking-uri") -> None:
     """Raise RegistryError unless the tracking server answers (or the sqlite store exists)."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///") :])
@@ -185,7 +185,7 @@ def resolve(
     uri: str,
     tracking_uri: str | None = None,
     kind: str | None = None,
-    option: str = "--mlflow-tracking-uri",
+    option: str = "--tracking-uri",
 ) -> RegistryModel:
     """Resolve a ``models:/`` URI to its model version and weights folder, checking that the
     version holds a model of ``kind`` ('sampler', 'autoencoder' or None: either)."""
