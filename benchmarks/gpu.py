@@ -61,10 +61,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_model, machine, write_json
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LatentStats, tokens_to_latents
 from svg_ray.flow.loss import FlowLoss
 from svg_ray.flow.samplers import SamplerConfig
-from svg_ray.generate import generate_latents, tokens_to_latents
+from svg_ray.generate import generate_latents
 from svg_ray.models.autoencoder import ae_preset
 from svg_ray.models.decoder import Decoder
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config

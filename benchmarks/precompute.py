@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from svg_ray.data import schema  # noqa: E402
 from svg_ray.data.images import prepare_image, to_model_input  # noqa: E402
-from svg_ray.data.manifest import latents_to_numpy  # noqa: E402
+from svg_ray.data.latents import latents_to_numpy  # noqa: E402
 from svg_ray.data.precompute import (  # noqa: E402
     PrecomputeConfig,
     plan_inputs,

@@ -40,7 +40,7 @@ from benchmarks.common import machine, set_env, write_json
 
 set_env()  # before timm is imported: no hub downloads
 
-from svg_ray.data.stats import LatentStats  # noqa: E402
+from svg_ray.data.latents import LatentStats  # noqa: E402
 from svg_ray.flow.samplers import SamplerConfig, time_grid  # noqa: E402
 from svg_ray.generate import (  # noqa: E402
     decode_tokens,

@@ -41,7 +41,7 @@ STEP_COUNTS = (1, 2, 4, 8, 25)
 def random_bundle(path: Path) -> Path:
     """A demo-size bundle with random weights (the DiT perturbed off its zero init)."""
     from svg_ray.checkpoint import BundleInfo, save_bundle
-    from svg_ray.data.stats import LatentStats
+    from svg_ray.data.latents import LatentStats
     from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
     from svg_ray.models.dit import DiT, dit_config
 

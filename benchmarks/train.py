@@ -62,8 +62,8 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from svg_ray.data.latents import latents_to_tokens  # noqa: E402
 from svg_ray.data.manifest import DatasetManifest  # noqa: E402
-from svg_ray.generate import latents_to_tokens  # noqa: E402
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params  # noqa: E402
 from svg_ray.testing.latents import make_latent_dataset  # noqa: E402
 from svg_ray.training import data as tdata  # noqa: E402

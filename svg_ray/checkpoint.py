@@ -25,7 +25,7 @@ from torch import nn
 
 from svg_ray import storage
 from svg_ray.config import from_dict, to_dict
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LatentStats
 from svg_ray.errors import SvgRayError
 from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder
 from svg_ray.models.dit import DiT, DiTConfig

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LatentStats, tokens_to_latents
 from svg_ray.flow.samplers import SamplerConfig, sample
 from svg_ray.models.autoencoder import SVGAutoencoder
 from svg_ray.models.dit import DiT
-
-
-def latents_to_tokens(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h*w, C), the DiT's token-major layout."""
-    return z.flatten(2).transpose(1, 2)
-
-
-def tokens_to_latents(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, h*w, C) -> (B, C, h, w)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
 
 
 def initial_noise(seeds: list[int], tokens: int, channels: int) -> torch.Tensor:

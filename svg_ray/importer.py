@@ -49,7 +49,7 @@ from svg_ray.checkpoint import (
     save_dit,
 )
 from svg_ray.config import require, to_dict
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LatentStats
 from svg_ray.flow import SamplerConfig
 from svg_ray.models.autoencoder import AutoencoderConfig, SVGAutoencoder, ae_preset
 from svg_ray.models.dino import FrozenDino, classify_rope_periods, is_meta_layout, to_timm_layout

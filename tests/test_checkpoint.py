@@ -19,7 +19,7 @@ from svg_ray.checkpoint import (
     save_bundle,
     save_dit,
 )
-from svg_ray.data.stats import ChannelMoments, LatentStats
+from svg_ray.data.latents import ChannelMoments, LatentStats
 from svg_ray.flow import SamplerConfig
 from svg_ray.generate import generate, image_grid, initial_noise, to_uint8
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset

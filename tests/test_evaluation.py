@@ -21,7 +21,7 @@ from svg_ray.checkpoint import BundleInfo, save_autoencoder, save_bundle
 from svg_ray.cli import user_errors
 from svg_ray.config import ConfigError
 from svg_ray.data.digits import load_digits_tensor, write_image_folder
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LatentStats
 from svg_ray.evaluation import stages
 from svg_ray.evaluation.image_metrics import PSNR_MAX_DB, SSIM_K1, psnr, ssim
 from svg_ray.evaluation.inception import (

@@ -31,14 +31,13 @@ from svg_ray.config import ConfigError
 from svg_ray.data import schema
 from svg_ray.data.digits import write_image_folder
 from svg_ray.data.images import prepare_image, to_model_input
+from svg_ray.data.latents import LatentStats, latents_to_numpy, latents_to_torch
 from svg_ray.data.manifest import (
     DatasetManifest,
     ManifestError,
     ShardLabelSummary,
     SkippedInput,
     expected_classes,
-    latents_to_numpy,
-    latents_to_torch,
     load_manifest,
 )
 from svg_ray.data.precompute import (
@@ -54,7 +53,6 @@ from svg_ray.data.precompute import (
     record_name,
     run_precompute,
 )
-from svg_ray.data.stats import LatentStats
 from svg_ray.errors import SvgRayError
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
 

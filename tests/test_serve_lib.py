@@ -16,7 +16,7 @@ import torch
 
 from svg_ray.checkpoint import BundleInfo, save_bundle
 from svg_ray.config import ConfigError
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LatentStats
 from svg_ray.errors import SvgRayError
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
 from svg_ray.models.dit import DiT, dit_config

@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from svg_ray import storage
 from svg_ray.data import schema
-from svg_ray.data.stats import LatentStats
+from svg_ray.data.latents import LATENT_DTYPES, LatentStats
 from svg_ray.errors import SvgRayError
 
 MANIFEST_FORMAT = "svg-ray-latents/1"
-LATENT_DTYPES = ("float16", "bfloat16")
 MIXED_FRACTION = 0.8
 """Shards count as mixed when their median class count reaches this share of a random sample's."""
 
@@ -289,30 +287,3 @@ def load_manifest(uri: str) -> DatasetManifest:
     except ValueError as e:
         raise ManifestError(f"{path} is not valid JSON: {e}") from e
     return DatasetManifest.from_dict(data)
-
-
-def latents_to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored latent array -> torch tensor of the manifest's dtype.
-
-    Arrow and numpy have no bfloat16, so bf16 latents are stored as their uint16 bit patterns;
-    this reinterprets them (no rounding). float16 arrays pass through.
-    """
-    # torch refuses to share read-only memory (Arrow buffers are read-only): copy those.
-    a = np.ascontiguousarray(array)
-    if not a.flags.writeable:
-        a = a.copy()
-    if dtype == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    if dtype == "float16":
-        return torch.from_numpy(a.astype(np.float16, copy=False))
-    raise ManifestError(f"unknown latent dtype {dtype!r}; expected one of {LATENT_DTYPES}")
-
-
-def latents_to_numpy(latents: torch.Tensor, dtype: str) -> np.ndarray:
-    """torch latents -> the array stored in Parquet (fp16, or bf16 bits as uint16)."""
-    if dtype == "bfloat16":
-        bits = latents.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-        return bits.numpy().view(np.uint16)
-    if dtype == "float16":
-        return latents.detach().to("cpu", torch.float16).contiguous().numpy()
-    raise ManifestError(f"unknown latent dtype {dtype!r}; expected one of {LATENT_DTYPES}")

@@ -44,14 +44,13 @@ from svg_ray.config import ConfigError, require
 from svg_ray.data import inputs, schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
 from svg_ray.data.inputs import DecodeChunk, InputPlan
-from svg_ray.data.manifest import (
-    DatasetManifest,
-    ShardLabelSummary,
-    SkippedInput,
+from svg_ray.data.latents import (
+    STORAGE_NUMPY_DTYPE,
+    ChannelMoments,
     latents_to_numpy,
     latents_to_torch,
 )
-from svg_ray.data.stats import ChannelMoments
+from svg_ray.data.manifest import DatasetManifest, ShardLabelSummary, SkippedInput
 from svg_ray.errors import SvgRayError
 
 log = logging.getLogger(__name__)
@@ -59,8 +58,6 @@ log = logging.getLogger(__name__)
 JOB_FORMAT = "svg-ray-precompute-job/1"
 TMP_DIR = "_tmp"
 """Local staging folder for shards being written (renamed into shards/ when complete)."""
-STORAGE_NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16}
-"""numpy dtype of the stored latents (bf16 as its uint16 bit pattern; numpy has no bf16)."""
 ROW_GROUP_BYTES = 32 << 20
 """Target Parquet row-group size: big enough for S3 throughput, small enough to stream."""
 

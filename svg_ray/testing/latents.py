@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 
 from svg_ray import storage
 from svg_ray.data import schema
+from svg_ray.data.latents import ChannelMoments
 from svg_ray.data.manifest import DatasetManifest, ShardLabelSummary
-from svg_ray.data.stats import ChannelMoments
 
 
 def make_latent_dataset(

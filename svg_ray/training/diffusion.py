@@ -21,10 +21,11 @@ from torch import nn
 
 from svg_ray import storage
 from svg_ray.config import require, to_dict
+from svg_ray.data.latents import latents_to_tokens
 from svg_ray.data.manifest import DatasetManifest, load_manifest
 from svg_ray.flow.loss import FlowLoss
 from svg_ray.flow.samplers import SamplerConfig
-from svg_ray.generate import image_grid, latents_to_tokens, to_uint8
+from svg_ray.generate import image_grid, to_uint8
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
 from svg_ray.models.ema import EMA
 from svg_ray.training import data as tdata

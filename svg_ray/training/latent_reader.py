@@ -41,7 +41,8 @@ import torch
 from svg_ray import storage
 from svg_ray.config import ConfigError, require
 from svg_ray.data import schema
-from svg_ray.data.manifest import DatasetManifest, ManifestError, latents_to_torch
+from svg_ray.data.latents import latents_to_torch
+from svg_ray.data.manifest import DatasetManifest, ManifestError
 from svg_ray.data.order import EpochOrder, Segment, Window
 
 log = logging.getLogger(__name__)
