@@ -1,4 +1,4 @@
-"""Ray Serve application: a FastAPI ingress and the SVG sampler deployment, composed with .bind().
+"""The sampler endpoint on Ray Serve: a FastAPI ingress and the SVG sampler deployment (.bind()).
 
     serve run serve/config_cpu.yaml                  # this machine (CPU)
     serve deploy serve/config.yaml                   # a GPU cluster (autoscaling values there)

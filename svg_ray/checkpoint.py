@@ -57,17 +57,25 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict that reports missing, unexpected and mis-shaped tensors by name."""
-    own = module.state_dict()
+def state_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str:
+    """How ``sd`` differs from the state ``own`` (missing, unexpected and mis-shaped keys, six
+    named of each), or '' when it matches key for key and shape for shape."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad = sorted(k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or bad:
-        raise CheckpointError(
-            f"{what} does not match the model: {len(missing)} missing {missing[:6]}, "
-            f"{len(unexpected)} unexpected {unexpected[:6]}, {len(bad)} wrong shape {bad[:6]}"
-        )
+    if not (missing or unexpected or bad):
+        return ""
+    return (
+        f"{len(missing)} missing {missing[:6]}, {len(unexpected)} unexpected "
+        f"{unexpected[:6]}, {len(bad)} wrong shape {bad[:6]}"
+    )
+
+
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict that reports missing, unexpected and mis-shaped tensors by name."""
+    mismatch = state_mismatch(module.state_dict(), sd)
+    if mismatch:
+        raise CheckpointError(f"{what} does not match the model: {mismatch}")
     module.load_state_dict(sd, strict=True)
 
 

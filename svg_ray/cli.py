@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
-# subcommand -> (module with main(argv), one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": (
-        "pipelines.demo",
-        "the main job end to end on a local Ray: digits -> AE -> latents -> DiT -> grid -> Serve",
-    ),
-    "serve": (
-        "serve.app",
-        "local Ray Serve sampler endpoint + playground for a bundle or models:/",
-    ),
-    "precompute": ("pipelines.precompute", "Ray Data job: images -> latent Parquet + manifest"),
-    "train": ("pipelines.train_diffusion", "Ray Train job: the diffusion transformer on latents"),
-    "eval": (
-        "pipelines.evaluate",
-        "evaluation jobs: FID/IS of a bundle, autoencoder rFID/PSNR/SSIM/LPIPS, latent probe",
-    ),
-    "import": (
-        "pipelines.import_checkpoint",
-        "convert the SVG paper's released checkpoints into our model files or a sampler bundle",
-    ),
-    "status": ("svg_ray.status", "what datasets, runs, bundles and MLflow models exist"),
-    "promote": ("pipelines.promote", "point a registry alias (e.g. prod) at a model version"),
-    "train-ae": (
-        "pipelines.train_autoencoder",
-        "Ray Train job: the SVG autoencoder (residual + decoder)",
-    ),
+COMMANDS: dict[str, str] = {
+    # subcommand -> the module whose main(argv) runs it, in pipeline order
+    "demo": "pipelines.demo",
+    "train-ae": "pipelines.train_autoencoder",
+    "precompute": "pipelines.precompute",
+    "train": "pipelines.train_diffusion",
+    "eval": "pipelines.evaluate",
+    "serve": "serve.app",
+    "import": "pipelines.import_checkpoint",
+    "promote": "pipelines.promote",
+    "status": "svg_ray.status",
 }
+
+
+def describe(module: str) -> str:
+    """A command's one-line help: its module docstring's first line, read without importing
+    the module (torch and Ray take seconds to import; ``svg-ray --help`` should not)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ""
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    return doc.splitlines()[0].rstrip(".").replace("``", "") if doc else ""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         width = max(len(c) for c in COMMANDS)
-        lines = [f"  {c.ljust(width)}  {h}" for c, (_, h) in COMMANDS.items()]
+        lines = [f"  {c.ljust(width)}  {describe(m)}" for c, m in COMMANDS.items()]
         print(
             "usage: svg-ray <command> [options]   (svg-ray --version)\n\ncommands:\n"
             + "\n".join(lines)
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module, _ = COMMANDS[argv[0]]
+    module = COMMANDS[argv[0]]
     try:
         return int(importlib.import_module(module).main(argv[1:]) or 0)
     except user_errors() as e:

@@ -1,4 +1,4 @@
-"""``svg-ray status``: what exists in a storage location and an MLflow store.
+"""What exists in a storage location and an MLflow store, and the command that uses it next.
 
     svg-ray status                                   # ./outputs and the default sqlite store
     svg-ray status --storage s3://bucket/svg --tracking-uri http://mlflow:5000 --json

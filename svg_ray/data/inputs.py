@@ -414,3 +414,20 @@ def _head_rows(uri: str, column: str, n: int) -> list[Any]:
 def read_parquet_head(uri: str, column: str, n: int) -> list[Any]:
     """The first ``n`` values of ``column`` in one Parquet file (transient errors retried)."""
     return list(storage.retrying(_head_rows, uri, column, n, what=uri))
+
+
+def decoded_chunks(
+    specs: list[str], resolution: int, max_pixels: int, cpus: float, max_actors: int
+) -> Any:
+    """A Ray Dataset of chunk specs (one block, and one row, per chunk) decoded and cropped by a
+    pool of ``DecodeChunk`` actors (1 to ``max_actors``, ``cpus`` each)."""
+    import ray
+
+    ds = ray.data.from_items([{"spec": s} for s in specs], override_num_blocks=len(specs))
+    return ds.map_batches(
+        DecodeChunk,
+        fn_constructor_kwargs={"resolution": resolution, "max_pixels": max_pixels},
+        batch_size=1,
+        num_cpus=cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+    )

@@ -15,6 +15,7 @@ Layout of a dataset root (local path or ``s3://bucket/prefix``)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from svg_ray import storage
+from svg_ray.config import from_dict
 from svg_ray.data import schema
 from svg_ray.data.latents import LATENT_DTYPES, LatentStats
 from svg_ray.errors import SvgRayError
@@ -95,25 +97,13 @@ class ShardLabelSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (with the derived ``mixed`` flag, for people reading the file)."""
-        return {
-            "shards": self.shards,
-            "classes_min": self.classes_min,
-            "classes_median": self.classes_median,
-            "classes_max": self.classes_max,
-            "iid_classes": round(self.iid_classes, 3),
-            "mixed": self.mixed,
-        }
+        d = dataclasses.asdict(self)
+        return {**d, "iid_classes": round(self.iid_classes, 3), "mixed": self.mixed}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardLabelSummary:
         """Inverse of to_dict (``mixed`` is recomputed)."""
-        return cls(
-            shards=int(d["shards"]),
-            classes_min=int(d["classes_min"]),
-            classes_median=float(d["classes_median"]),
-            classes_max=int(d["classes_max"]),
-            iid_classes=float(d["iid_classes"]),
-        )
+        return from_dict(cls, {k: v for k, v in d.items() if k != "mixed"}, "shard_labels")
 
 
 @dataclass

@@ -43,7 +43,7 @@ from svg_ray import storage
 from svg_ray.config import ConfigError, require
 from svg_ray.data import inputs, schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
-from svg_ray.data.inputs import DecodeChunk, InputPlan
+from svg_ray.data.inputs import InputPlan
 from svg_ray.data.latents import (
     STORAGE_NUMPY_DTYPE,
     ChannelMoments,
@@ -539,17 +539,9 @@ def _run_chunks(cfg: PrecomputeConfig, specs: list[str], resolution: int) -> lis
     """Run the three Ray Data stages over chunk specs; returns one summary dict per chunk."""
     import ray
 
-    ds: ray.data.Dataset = ray.data.from_items(
-        [{"spec": s} for s in specs], override_num_blocks=len(specs)
-    )
-    ds = ds.map_batches(
-        DecodeChunk,
-        fn_constructor_kwargs={"resolution": resolution, "max_pixels": cfg.max_pixels},
-        batch_size=1,
-        num_cpus=cfg.decode_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders),
-    )
-    ds = ds.map_batches(
+    ds = inputs.decoded_chunks(
+        specs, resolution, cfg.max_pixels, cfg.decode_cpus, cfg.decoders
+    ).map_batches(
         EncodeChunk,
         fn_constructor_kwargs={
             "autoencoder": cfg.autoencoder,

@@ -147,20 +147,34 @@ class GenerationEval:
 
 
 @dataclass
-class ReconstructionEval:
-    """rFID, PSNR, SSIM and LPIPS of the autoencoder on held-out images."""
+class AutoencoderOnImages:
+    """What the autoencoder evaluations share: the autoencoder and the images it is fed."""
 
     autoencoder: str = ""
     """Autoencoder checkpoint (.safetensors), a sampler bundle folder holding one, or a registered
     model (models:/<name>/<version>, /latest or @<alias>)."""
     input: str = ""
-    """Held-out images: folder tree <root>/<class>/<image> or Parquet; local or s3://."""
+    """The images: folder tree <root>/<class>/<image> or Parquet; local or s3://."""
     input_format: InputFormat = "auto"
     """'auto', 'folder' or 'parquet'."""
     image_column: str = schema.COL_IMAGE
     """Parquet input: column of encoded image bytes."""
     limit: int = 0
-    """Use only the first N images in sorted order (0: all)."""
+    """Use only the first N images of each input in sorted order (0: all)."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.autoencoder), "eval.autoencoder must name a checkpoint (--autoencoder)")
+        require(bool(self.input), "eval.input must name the images to evaluate on (--input)")
+        require(self.limit >= 0, "eval.limit must be >= 0")
+        if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
+            self.autoencoder = storage.absolute(self.autoencoder)
+        self.input = storage.absolute(self.input)
+
+
+@dataclass
+class ReconstructionEval(AutoencoderOnImages):
+    """rFID, PSNR, SSIM and LPIPS of the autoencoder on held-out images (--input)."""
+
     lpips_vgg_weights: str | None = None
     """torchvision's ImageNet VGG16 state dict (vgg16-397923af.pth) for LPIPS: path or s3://."""
     lpips_sha256: str | None = None
@@ -169,40 +183,24 @@ class ReconstructionEval:
     """Original/reconstruction pairs shown in the report."""
 
     def __post_init__(self) -> None:
-        require(bool(self.autoencoder), "eval.autoencoder must name a checkpoint (--autoencoder)")
-        require(bool(self.input), "eval.input must name held-out images (--input)")
-        require(self.limit >= 0, "eval.limit must be >= 0")
+        super().__post_init__()
         require(self.preview >= 0, "eval.preview must be >= 0")
         require(
             _sha_ok(self.lpips_sha256),
             f"eval.lpips_sha256 must be 64 hex digits, got {self.lpips_sha256!r}",
         )
-        if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
-            self.autoencoder = storage.absolute(self.autoencoder)
-        self.input = storage.absolute(self.input)
 
 
 @dataclass
-class ProbeEval:
-    """Linear probe on the pooled latent: DINO part, residual part, both."""
+class ProbeEval(AutoencoderOnImages):
+    """Linear probe on the pooled latent: DINO part, residual part, both (labelled --input)."""
 
-    autoencoder: str = ""
-    """Autoencoder checkpoint (.safetensors), a sampler bundle folder holding one, or a registered
-    model (models:/<name>/<version>, /latest or @<alias>)."""
-    input: str = ""
-    """Labelled images: folder tree <root>/<class>/<image> or Parquet with a label column."""
     test_input: str = ""
     """Labelled test images with the same classes ('': hold out --test-fraction of --input)."""
     test_fraction: float = 0.2
     """Stratified share of --input held out for testing when --test-input is not given."""
-    input_format: InputFormat = "auto"
-    """'auto', 'folder' or 'parquet'."""
-    image_column: str = schema.COL_IMAGE
-    """Parquet input: column of encoded image bytes."""
     label_column: str = schema.COL_LABEL
     """Parquet input: label column (integers, or strings mapped by sorted name)."""
-    limit: int = 0
-    """Use only the first N images of each input in sorted order (0: all)."""
     seed: int = 0
     """Seed of the train/test split."""
     regularization: float = 1.0
@@ -211,17 +209,12 @@ class ProbeEval:
     """Solver iterations (results say whether it converged)."""
 
     def __post_init__(self) -> None:
-        require(bool(self.autoencoder), "eval.autoencoder must name a checkpoint (--autoencoder)")
-        require(bool(self.input), "eval.input must name labelled images (--input)")
+        super().__post_init__()
         require(
             0.0 < self.test_fraction < 1.0,
             f"eval.test_fraction must be in (0, 1), got {self.test_fraction}",
         )
-        require(self.limit >= 0, "eval.limit must be >= 0")
         require(self.regularization > 0, "eval.regularization must be positive")
         require(self.max_iter >= 1, "eval.max_iter must be >= 1")
-        if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved by launch
-            self.autoencoder = storage.absolute(self.autoencoder)
-        self.input = storage.absolute(self.input)
         if self.test_input:
             self.test_input = storage.absolute(self.test_input)

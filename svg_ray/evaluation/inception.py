@@ -80,15 +80,13 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _check_layout(sd: dict[str, torch.Tensor], uri: str | None) -> None:
     """Every tensor of torch-fidelity's InceptionV3, with its shape, and nothing else."""
-    own = inception_skeleton().state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = sorted(k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or bad:
+    from svg_ray.checkpoint import state_mismatch
+
+    mismatch = state_mismatch(inception_skeleton().state_dict(), sd)
+    if mismatch:
         raise AssetError(
             f"{INCEPTION_OPTION}: {uri} is not torch-fidelity's InceptionV3 ({INCEPTION_FILE}): "
-            f"{len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected "
-            f"{unexpected[:4]}, {len(bad)} wrong shape {bad[:4]}"
+            f"{mismatch}"
         )
 
 

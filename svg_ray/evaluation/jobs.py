@@ -162,20 +162,10 @@ def run_stage(
     """
     import ray
 
-    ds: ray.data.Dataset = ray.data.from_items(
-        [{"spec": s} for s in specs], override_num_blocks=len(specs)
-    )
     if decode_resolution:
-        ds = ds.map_batches(
-            stages.DecodeChunk,
-            fn_constructor_kwargs={
-                "resolution": decode_resolution,
-                "max_pixels": DEFAULT_MAX_PIXELS,
-            },
-            batch_size=1,
-            num_cpus=run.decode_cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-        )
+        ds = inputs.decoded_chunks(specs, decode_resolution, DEFAULT_MAX_PIXELS, run.decode_cpus, 2)
+    else:
+        ds = ray.data.from_items([{"spec": s} for s in specs], override_num_blocks=len(specs))
     ds = ds.map_batches(
         stage,
         fn_constructor_kwargs={
@@ -271,6 +261,54 @@ def reference_from_images(
     return ReferenceStats.from_moments(moments, cfg.reference)
 
 
+@dataclass
+class _Generated:
+    """What the generation pass accumulated over every chunk."""
+
+    moments: FeatureMoments
+    scores: InceptionScoreAccumulator
+    previews: list[np.ndarray]
+
+
+def _generate_features(
+    cfg: GenerationEval, incep: InceptionSettings, sampler: SamplerConfig, run: EvalRun
+) -> _Generated:
+    """Sample ``num_images`` images on the workers; fold their Inception features and logits,
+    checking every chunk returns exactly its images."""
+    n, size = cfg.num_images, run.chunk_size
+    specs = [
+        stages.generation_spec(c, s, min(size, n - s)) for c, s in enumerate(range(0, n, size))
+    ]
+    kwargs = {
+        "bundle": cfg.bundle,
+        "sampler": to_dict(sampler),
+        "inception_weights": incep.inception_weights,
+        "inception_sha256": incep.inception_sha256,
+        "seed": cfg.seed,
+        "preview": cfg.preview,
+        "label_mode": cfg.label_mode,
+    }
+    out = _Generated(
+        FeatureMoments.zeros(POOL_DIM), InceptionScoreAccumulator(n, LOGIT_DIM, cfg.is_splits), []
+    )
+    for c, row in enumerate(run_stage(specs, stages.GenerateFeatures, kwargs, run)):
+        start, count = c * size, min(size, n - c * size)
+        idx = np.asarray(stages.one(row, "indices"))
+        if not np.array_equal(idx, np.arange(start, start + count)):
+            raise ImageCountError(
+                f"generation chunk {c} returned {len(idx)} images {idx[:4].tolist()}... instead "
+                f"of images {start}..{start + count - 1}"
+            )
+        pool = np.asarray(stages.one(row, "pool"))
+        logits = np.asarray(stages.one(row, "logits"))
+        check_count(f"generation chunk {c}", count, min(len(pool), len(logits)))
+        out.moments = out.moments.merge(FeatureMoments.of(pool))
+        out.scores.add(idx, logits)
+        out.previews.append(np.asarray(stages.one(row, "preview")))
+    check_count("generated images", n, out.moments.count, "a worker dropped images")
+    return out
+
+
 def evaluate_generation(
     cfg: GenerationEval,
     incep: InceptionSettings,
@@ -300,66 +338,34 @@ def evaluate_generation(
         if cfg.save_reference:
             reference.save(cfg.save_reference)
     t_ref = time.perf_counter() - t0
-
-    n, size = cfg.num_images, run.chunk_size
-    specs = [
-        stages.generation_spec(c, s, min(size, n - s)) for c, s in enumerate(range(0, n, size))
-    ]
-    kwargs = {
-        "bundle": cfg.bundle,
-        "sampler": to_dict(sampler),
-        "inception_weights": incep.inception_weights,
-        "inception_sha256": incep.inception_sha256,
-        "seed": cfg.seed,
-        "preview": cfg.preview,
-        "label_mode": cfg.label_mode,
-    }
-    moments = FeatureMoments.zeros(POOL_DIM)
-    isc = InceptionScoreAccumulator(n, LOGIT_DIM, cfg.is_splits)
-    previews = []
-    for c, row in enumerate(run_stage(specs, stages.GenerateFeatures, kwargs, run)):
-        start, count = c * size, min(size, n - c * size)
-        idx = np.asarray(stages.one(row, "indices"))
-        if not np.array_equal(idx, np.arange(start, start + count)):
-            raise ImageCountError(
-                f"generation chunk {c} returned {len(idx)} images {idx[:4].tolist()}... instead "
-                f"of images {start}..{start + count - 1}"
-            )
-        pool = np.asarray(stages.one(row, "pool"))
-        logits = np.asarray(stages.one(row, "logits"))
-        check_count(f"generation chunk {c}", count, min(len(pool), len(logits)))
-        moments = moments.merge(FeatureMoments.of(pool))
-        isc.add(idx, logits)
-        previews.append(np.asarray(stages.one(row, "preview")))
-    check_count("generated images", n, moments.count, "a worker dropped images")
-    gen_sigma = moments.covariance()
-    fid = frechet_distance(reference.mu, reference.sigma, moments.mean, gen_sigma)
-    is_mean, is_std = isc.result()
-    details = {
-        "num_images": n,
-        "reference": {
-            "source": reference.source,
-            "images": reference.count,
-            "from": "npz" if ref_plan is None else "images",
-            "saved_to": cfg.save_reference,
-        },
-        "inception": inception_details(incep, sha),
-        "inception_score_splits": isc.scores().tolist(),
-        "classes": len(meta["class_names"]),
-        "labels": "index % classes" if cfg.label_mode == "cycle" else f"random (seed {cfg.seed})",
-        "bundle_step": int(meta.get("step", 0)),
-        "seconds_reference": round(t_ref, 3),
-        "workers": run.num_workers,
-    }
+    gen = _generate_features(cfg, incep, sampler, run)
+    gen_sigma = gen.moments.covariance()
+    is_mean, is_std = gen.scores.result()
+    labels = "index % classes" if cfg.label_mode == "cycle" else f"random (seed {cfg.seed})"
     return EvalResult(
         task="generation",
         metrics={
-            "fid": fid,
+            "fid": frechet_distance(reference.mu, reference.sigma, gen.moments.mean, gen_sigma),
             "inception_score": is_mean,
             "inception_score_std": is_std,
-            "num_images": float(n),
+            "num_images": float(cfg.num_images),
         },
-        details=details,
+        details={
+            "num_images": cfg.num_images,
+            "reference": {
+                "source": reference.source,
+                "images": reference.count,
+                "from": "npz" if ref_plan is None else "images",
+                "saved_to": cfg.save_reference,
+            },
+            "inception": inception_details(incep, sha),
+            "inception_score_splits": gen.scores.scores().tolist(),
+            "classes": len(meta["class_names"]),
+            "labels": labels,
+            "bundle_step": int(meta.get("step", 0)),
+            "seconds_reference": round(t_ref, 3),
+            "workers": run.num_workers,
+        },
         config={
             "generation": dataclasses.asdict(cfg),
             "sampler": to_dict(sampler),
@@ -367,10 +373,10 @@ def evaluate_generation(
         },
         seconds=time.perf_counter() - t0,
         plots={
-            "preview": np.concatenate(previews)[: cfg.preview],
+            "preview": np.concatenate(gen.previews)[: cfg.preview],
             "spectrum_generated": np.linalg.eigvalsh(gen_sigma)[::-1],
             "spectrum_reference": np.linalg.eigvalsh(reference.sigma)[::-1],
-            "is_splits": isc.scores(),
+            "is_splits": gen.scores.scores(),
         },
     )
 

@@ -49,6 +49,16 @@ class SamplerDefaults:
         require(0.0 <= lo <= hi <= 1.0, "server.defaults.cfg_interval must be 0 <= lo <= hi <= 1")
 
 
+LIMITS = (
+    "max_images_per_request",
+    "max_steps",
+    "max_cfg_scale",
+    "max_batch_requests",
+    "max_batch_images",
+)
+"""The ServerConfig fields a client sees in GET /v1/model."""
+
+
 @dataclass
 class ServerConfig:
     """Bounds, batching and runtime settings of the sampler service."""
@@ -97,13 +107,7 @@ class ServerConfig:
 
     def limits(self) -> dict[str, Any]:
         """The bounds a client can see in GET /v1/model."""
-        return {
-            "max_images_per_request": self.max_images_per_request,
-            "max_steps": self.max_steps,
-            "max_cfg_scale": self.max_cfg_scale,
-            "max_batch_requests": self.max_batch_requests,
-            "max_batch_images": self.max_batch_images,
-        }
+        return {k: getattr(self, k) for k in LIMITS}
 
     def sampler_config(
         self,

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from svg_ray.serving.config import ServerConfig
+from svg_ray.serving.playground import html_page
 from svg_ray.serving.schema import MAX_SEED, GenerateRequest
 
 FIELD_DOCS: dict[str, str] = {
@@ -165,15 +166,10 @@ def _relink(node: Any) -> Any:
     return node
 
 
-DOCS_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>SVG sampler API</title>
-<style>
-  body { font-family: system-ui, sans-serif; margin: 1.5rem; max-width: 64rem; color: #222; }
-  h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+DOCS_HTML = html_page(
+    "SVG sampler API",
+    "64rem",
+    """  h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
   .method { font-weight: bold; text-transform: uppercase; margin-right: .4rem; }
   table { border-collapse: collapse; margin: .5rem 0 1rem 0; }
   td, th { border: 1px solid #ddd; padding: .2rem .5rem; text-align: left; vertical-align: top; }
@@ -253,5 +249,6 @@ fetch(new URL("openapi.json", base)).then((r) => r.json()).then(render).catch((e
 </script>
 </body>
 </html>
-"""
+""",
+)
 """The page at /docs: renders /openapi.json (request fields, bounds, responses) offline."""

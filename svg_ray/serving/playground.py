@@ -5,15 +5,23 @@ It reads GET v1/model for the class names and defaults, posts to v1/generate wit
 relative to the page, so it works under any route_prefix.
 """
 
-PLAYGROUND_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>SVG sampler playground</title>
-<style>
-  body { font-family: system-ui, sans-serif; margin: 1.5rem; max-width: 60rem; color: #222; }
-  fieldset { border: 1px solid #ccc; margin: 0 0 1rem 0; }
+
+def html_page(title: str, max_width: str, rest: str) -> str:
+    """A self-contained HTML page (no external assets): the common head and body style, then
+    ``rest`` (more CSS rules, ``</style>``, and the page's body)."""
+    return (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{title}</title>\n<style>\n"
+        "  body { font-family: system-ui, sans-serif; margin: 1.5rem; "
+        f"max-width: {max_width}; color: #222; }}\n" + rest
+    )
+
+
+PLAYGROUND_HTML = html_page(
+    "SVG sampler playground",
+    "60rem",
+    """  fieldset { border: 1px solid #ccc; margin: 0 0 1rem 0; }
   label { margin-right: 1rem; white-space: nowrap; }
   input[type=number] { width: 5rem; }
   #classes label { display: inline-block; min-width: 8rem; }
@@ -117,4 +125,5 @@ loadModel().catch((e) => { $("model").className = "error"; $("model").textConten
 </script>
 </body>
 </html>
-"""
+""",
+)

@@ -22,6 +22,7 @@ weights are in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import tempfile
@@ -93,14 +94,8 @@ class RegistryModel:
 
     def describe(self) -> dict[str, Any]:
         """name, version, run_id, source, model_id and aliases (for GET /v1/model and status)."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "run_id": self.run_id,
-            "source": self.source,
-            "model_id": self.model_id,
-            "aliases": list(self.aliases),
-        }
+        keys = ("name", "version", "run_id", "source", "model_id", "aliases")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in keys}
 
 
 def is_registry_uri(uri: str) -> bool:

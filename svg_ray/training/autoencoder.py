@@ -54,7 +54,6 @@ from svg_ray.training.trainer import (
     RunResult,
     TrainTask,
     WorkerContext,
-    register_task,
 )
 from svg_ray.training.trainer import launch as launch_plan
 
@@ -325,20 +324,13 @@ def autoencoder_step(p: AutoencoderParts, x: torch.Tensor, step: int) -> dict[st
     return {**logs, **d_logs}
 
 
-@register_task
-class AutoencoderTask(TrainTask):
+class AutoencoderTask(
+    TrainTask[AutoencoderSpec, AETrainConfig], kind=KIND, label="train-ae", spec=AutoencoderSpec
+):
     """The autoencoder on decoded image batches; rank 0 exports the eval-mode checkpoint."""
 
-    kind = KIND
-    label = "train-ae"
-    spec_type = AutoencoderSpec
-
     def __init__(self, spec: AutoencoderSpec, ctx: WorkerContext) -> None:
-        assert spec.run is not None
-        self.spec, self.ctx, self.run = spec, ctx, spec.run
-        self.cfg: AETrainConfig = spec.train
-        self.steps_per_epoch = spec.steps_per_epoch
-        self.per_worker = self.cfg.per_worker_batch(ctx.world)
+        super().__init__(spec, ctx)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank and every run
         ae = SVGAutoencoder(AutoencoderConfig.from_dict(spec.autoencoder)).to(ctx.device)
         loss = AELoss(spec.loss).to(ctx.device)

@@ -36,7 +36,6 @@ from svg_ray.training.trainer import (
     RunResult,
     TrainTask,
     WorkerContext,
-    register_task,
 )
 from svg_ray.training.trainer import launch as launch_plan
 
@@ -247,21 +246,14 @@ def make_parts(cfg: DiffusionTrainConfig, dcfg: DiTConfig, device: torch.device)
     )
 
 
-@register_task
-class DiffusionTask(TrainTask):
+class DiffusionTask(
+    TrainTask[DiffusionSpec, DiffusionTrainConfig], kind=KIND, label="train", spec=DiffusionSpec
+):
     """The DiT on latent batches; rank 0 exports the EMA sampler bundle."""
 
-    kind = KIND
-    label = "train"
-    spec_type = DiffusionSpec
-
     def __init__(self, spec: DiffusionSpec, ctx: WorkerContext) -> None:
-        assert spec.run is not None
-        self.spec, self.ctx, self.run = spec, ctx, spec.run
-        self.cfg: DiffusionTrainConfig = spec.train
+        super().__init__(spec, ctx)
         self.manifest = DatasetManifest.from_dict(spec.manifest)
-        self.steps_per_epoch = spec.steps_per_epoch
-        self.per_worker = self.cfg.per_worker_batch(ctx.world)
         self.parts = make_parts(self.cfg, spec.dit, ctx.device)
         self.parts.amp = ctx.amp
         self.reader = reader(self.cfg, self.manifest, ctx.shared["index"], ctx.rank, ctx.world)

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -96,7 +96,7 @@ class RunResult:
 class JobPlan:
     """Everything a job worked out on the driver before any worker starts."""
 
-    task: type[TrainTask]
+    task: type[TrainTask[Any, Any]]
     """The worker-side task class."""
     spec: Any
     """The task's typed worker spec (a dataclass; travels through ``to_dict``/``from_dict``)."""
@@ -121,6 +121,9 @@ class JobPlan:
 # The task interface
 # --------------------------------------------------------------------------------------------
 
+TASKS: dict[str, type[TrainTask[Any, Any]]] = {}
+"""Every task class by its kind (filled as the job modules define them)."""
+
 
 @dataclass
 class WorkerContext:
@@ -135,8 +138,16 @@ class WorkerContext:
     """The job plan's ``shared`` artefacts."""
 
 
-class TrainTask(ABC):
-    """One job's part of the loop: its models, batches, step, state and export."""
+SpecT = TypeVar("SpecT")
+ConfigT = TypeVar("ConfigT", bound=TrainConfig)
+
+
+class TrainTask(ABC, Generic[SpecT, ConfigT]):
+    """One job's part of the loop: its models, batches, step, state and export.
+
+    A task class names its kind, progress label and worker spec type as class keywords:
+    ``class DiffusionTask(TrainTask[DiffusionSpec, ...], kind=..., label=..., spec=...)``.
+    """
 
     kind: ClassVar[str]
     """Checkpoint and MLflow kind; a run of another kind is refused."""
@@ -145,13 +156,21 @@ class TrainTask(ABC):
     spec_type: ClassVar[type]
     """The worker spec dataclass ``from_dict`` rebuilds on the worker."""
 
-    cfg: TrainConfig
-    run: RunContext
-    steps_per_epoch: int
+    def __init_subclass__(cls, *, kind: str, label: str, spec: type, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.kind, cls.label, cls.spec_type = kind, label, spec
+        TASKS[kind] = cls  # ``train_worker`` finds the task by the kind its config names
 
-    @abstractmethod
     def __init__(self, spec: Any, ctx: WorkerContext) -> None:
-        """Build models and optimisers on ``ctx.device`` (identically seeded on every rank)."""
+        """What every task keeps; a task's own ``__init__`` then builds its models and
+        optimisers on ``ctx.device`` (identically seeded on every rank)."""
+        assert spec.run is not None, "the driver fills in the run context"
+        self.spec: SpecT = spec
+        self.ctx = ctx
+        self.run: RunContext = spec.run
+        self.cfg: ConfigT = spec.train
+        self.steps_per_epoch: int = spec.steps_per_epoch
+        self.per_worker = self.cfg.per_worker_batch(ctx.world)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -211,7 +230,7 @@ class TrainTask(ABC):
 class Trainer:
     """Runs a task: restore, then step, log, image and checkpoint until ``cfg.steps``."""
 
-    def __init__(self, task: TrainTask, ctx: WorkerContext) -> None:
+    def __init__(self, task: TrainTask[Any, Any], ctx: WorkerContext) -> None:
         self.task, self.ctx = task, ctx
         self.cfg = task.cfg
         self.pos = Position()
@@ -332,16 +351,6 @@ class Trainer:
         )
         self.logger.metrics(out, self.pos.step)
         self.meter.reset()
-
-
-# Registered by the job modules: ``train_worker`` finds a task class by its kind.
-TASKS: dict[str, type[TrainTask]] = {}
-
-
-def register_task(cls: type[TrainTask]) -> type[TrainTask]:
-    """Class decorator: make a task available to ``train_worker`` by its ``kind``."""
-    TASKS[cls.kind] = cls
-    return cls
 
 
 def train_worker(config: dict[str, Any]) -> None:
