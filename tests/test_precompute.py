@@ -7,6 +7,7 @@ session's in-process Ray cluster: bad-image accounting, statistics against numpy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,10 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from latent_data import write_precomputed
+from mlflow_registry import AE_NAME, Registry, registry_fixture  # noqa: F401
 from test_images import BAD_SET_MAX_PIXELS, write_bad_images
 
 from svg_ray import storage
-from svg_ray.checkpoint import load_autoencoder, save_autoencoder
+from svg_ray.checkpoint import autoencoder_id, load_autoencoder, save_autoencoder
 from svg_ray.cli import main as cli_main
 from svg_ray.config import ConfigError
 from svg_ray.data import schema
@@ -602,3 +604,22 @@ def test_unschedulable_pipeline_is_refused(
     cfg = _cfg(input=str(image_root), out=str(tmp_path / "o"), autoencoder=ae_path, encode_gpus=1)
     with pytest.raises(SvgRayError, match="GPUs but the Ray cluster has 0"):
         run_precompute(cfg)  # would otherwise wait forever for a GPU
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_autoencoder_from_the_model_registry(
+    ray_session: None, registry: Registry, image_root: Path, tmp_path: Path
+) -> None:
+    """--autoencoder takes models:/ URIs too: the registered file is read where it lives."""
+    out = tmp_path / "ds"
+    cfg = _cfg(
+        input=str(image_root), out=str(out), autoencoder=f"models:/{AE_NAME}/latest",
+        tracking_uri=registry.tracking_uri, limit=16, rows_per_shard=16,
+    )  # fmt: skip
+    m = run_precompute(cfg).manifest
+    assert m.num_rows == 16 and m.autoencoder_id == autoencoder_id(str(registry.ae_file))
+    assert m.autoencoder_uri.endswith("autoencoder.safetensors")
+    assert storage.read_bytes(m.autoencoder_uri) == registry.ae_file.read_bytes()
+    with pytest.raises(SvgRayError, match="has no version 9"):
+        run_precompute(dataclasses.replace(cfg, autoencoder=f"models:/{AE_NAME}/9"))

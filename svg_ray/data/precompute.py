@@ -22,6 +22,7 @@ Ray's block splitting and coalescing do not preserve for per-image rows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +42,7 @@ import pyarrow.parquet as pq
 import torch
 
 from svg_ray import storage
+from svg_ray.checkpoint import BUNDLE_AE
 from svg_ray.config import ConfigError, require
 from svg_ray.data import inputs, schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS, to_model_input
@@ -75,7 +78,8 @@ class PrecomputeConfig:
     out: str
     """Dataset root to write (local path or s3://); shards/, chunks/ and manifest.json go here."""
     autoencoder: str
-    """SVG autoencoder checkpoint (local path or s3://), from ``save_autoencoder``."""
+    """SVG autoencoder checkpoint (local path or s3://) or a registered model
+    (models:/<name>/<version>, /latest or @<alias>; a sampler bundle's autoencoder too)."""
     input_format: Literal["auto", "folder", "parquet"] = "auto"
     """'auto': Parquet when the input is a .parquet file or a folder of them, else a folder tree."""
     image_column: str = schema.COL_IMAGE
@@ -117,6 +121,8 @@ class PrecomputeConfig:
     """CPUs per writer actor (it mostly waits on storage)."""
     torch_threads: int = 0
     """torch intra-op threads per encode actor (0 = max(1, encode_cpus))."""
+    tracking_uri: str | None = None
+    """MLflow server of a models:/ --autoencoder (default: MLFLOW_TRACKING_URI)."""
 
     def __post_init__(self) -> None:
         require(bool(self.input), "precompute.input must name an image folder or Parquet input")
@@ -125,7 +131,8 @@ class PrecomputeConfig:
         # The manifest records these; training may run from another working directory.
         self.input = storage.absolute(self.input)
         self.out = storage.absolute(self.out)
-        self.autoencoder = storage.absolute(self.autoencoder)
+        if not self.autoencoder.startswith("models:/"):  # a registry URI is resolved at run time
+            self.autoencoder = storage.absolute(self.autoencoder)
         require(self.input_format in ("auto", "folder", "parquet"), "bad precompute.input_format")
         require(
             self.dtype in ("fp16", "bf16", "float16", "bfloat16"), "precompute.dtype: fp16 or bf16"
@@ -644,6 +651,24 @@ def autoencoder_info(uri: str) -> dict[str, Any]:
     }
 
 
+def _autoencoder_file(cfg: PrecomputeConfig) -> str:
+    """The autoencoder file every actor reads: ``--autoencoder`` itself, or a registered model's
+    file (read in place on S3 or a local disk, else copied beside the dataset: training reads
+    the manifest's autoencoder later, after any temporary download is gone)."""
+    from svg_ray.serving import source
+
+    if not source.is_registry_uri(cfg.autoencoder):
+        return cfg.autoencoder
+    model = source.resolve(cfg.autoencoder, cfg.tracking_uri, None, option="--tracking-uri")
+    direct = source.reads_in_place(model.weights)
+    if direct is not None:
+        return storage.join(direct, BUNDLE_AE)
+    target = storage.join(cfg.out, BUNDLE_AE)
+    with source.local_files(model) as local:
+        storage.write_bytes(target, Path(local, BUNDLE_AE).read_bytes())
+    return target
+
+
 def run_precompute(
     cfg: PrecomputeConfig,
     connect: Callable[[], None] | None = None,
@@ -659,6 +684,7 @@ def run_precompute(
     # Cheap existence checks first: a typo should fail in a second, not after a model load.
     if not storage.exists(cfg.input):
         raise PrecomputeError(f"input not found: {cfg.input} (--input)")
+    cfg = dataclasses.replace(cfg, autoencoder=_autoencoder_file(cfg))
     if not storage.exists(cfg.autoencoder):
         raise PrecomputeError(
             f"autoencoder checkpoint not found: {cfg.autoencoder} (--autoencoder)"
