@@ -409,9 +409,12 @@ def _print_where(s: dict[str, Any], p: _Progress) -> None:
     p.log("\n".join(lines))
 
 
+COMMAND = Command("svg-ray demo", __doc__, [Section("demo", DemoConfig)])
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``svg-ray demo [--key value ...]`` with the keys of DemoConfig."""
-    cfg = Command("svg-ray demo", __doc__, [Section("demo", DemoConfig)]).parse(argv)["demo"]
+    cfg = COMMAND.parse(argv)["demo"]
     # The stages print their own progress; Ray Data's bars would interleave with them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray

@@ -16,12 +16,12 @@ import sys
 from svg_ray.command import Command, Section
 from svg_ray.importer import ImportConfig, run_import
 
+COMMAND = Command("svg-ray import", __doc__, [Section("import", ImportConfig)])
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, import, write; prints what was written and the next command."""
-    cfg = Command("svg-ray import", __doc__, [Section("import", ImportConfig)]).parse(argv)[
-        "import"
-    ]
+    cfg = COMMAND.parse(argv)["import"]
     summary = run_import(cfg)
     for part in ("autoencoder", "dit"):
         if part in summary:

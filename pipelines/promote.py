@@ -15,13 +15,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Check that the version exists, set the alias, print what it pointed at before."""
-    from mlflow import MlflowClient
-
-    from svg_ray.serving.source import resolve
-    from svg_ray.tracking import check_alias, set_alias
-
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``svg-ray promote``."""
     p = argparse.ArgumentParser(prog="svg-ray promote", description=__doc__.splitlines()[0])
     p.add_argument("name", help="registered model name (svg-ray train --register-as NAME)")
     p.add_argument("version", help="version number, or 'latest' for the newest")
@@ -31,7 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the sqlite store in ./outputs)",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check that the version exists, set the alias, print what it pointed at before."""
+    from mlflow import MlflowClient
+
+    from svg_ray.serving.source import resolve
+    from svg_ray.tracking import check_alias, set_alias
+
+    a = build_parser().parse_args(argv)
     check_alias(a.alias)
     model = resolve(f"models:/{a.name}/{a.version}", a.tracking_uri, option="--tracking-uri")
     client = MlflowClient(tracking_uri=model.tracking_uri, registry_uri=model.tracking_uri)

@@ -156,15 +156,18 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``svg-ray serve``: local Ray + Serve with the CPU config, print the URL, block."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``svg-ray serve`` (built without starting anything)."""
     p = argparse.ArgumentParser(prog="svg-ray serve", description=__doc__.splitlines()[0])
     p.add_argument(
         "--model-uri", "--bundle", dest="model_uri", default="",
         help="bundle dir, s3://..., models:/<name>/<version>, models:/<name>/latest or "
         "models:/<name>@<alias> (default: the config's)",
     )  # fmt: skip
-    p.add_argument("--config", default=str(CPU_CONFIG), help="Serve config file to take from")
+    p.add_argument(
+        "--config", default=str(CPU_CONFIG),
+        help="Serve config: replicas, resources, limits, HTTP (default: serve/config_cpu.yaml)",
+    )  # fmt: skip
     p.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
     p.add_argument(
@@ -176,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="auto",
         help="where replicas sample: auto (CUDA when this machine has it), cpu, cuda or cuda:<i>",
     )  # fmt: skip
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``svg-ray serve``: local Ray + Serve with the CPU config, print the URL, block."""
+    a = build_parser().parse_args(argv)
 
     # Everything that can be wrong is checked here, in seconds, before Ray starts.
     cfg = load_serve_config(a.config)

@@ -159,7 +159,8 @@ class Command:
         self.parser = argparse.ArgumentParser(
             prog=prog,
             description=lines[0],
-            epilog="\n".join(lines[1:]).strip() or None,
+            # Keep the examples' indentation: strip blank lines, not the first line's spaces.
+            epilog="\n".join(lines[1:]).strip("\n").rstrip() or None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         self.add_to(self.parser)

@@ -443,10 +443,8 @@ def render_lineage(chain: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``svg-ray status``."""
-    from svg_ray.tracking import default_tracking_uri
-
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``svg-ray status``."""
     p = argparse.ArgumentParser(prog="svg-ray status", description=__doc__.splitlines()[0])
     p.add_argument("--storage", default="outputs", help="local folder or s3:// prefix to scan")
     p.add_argument(
@@ -461,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="show one model version's lineage: NAME (latest), NAME/VERSION, NAME@ALIAS",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``svg-ray status``."""
+    from svg_ray.tracking import default_tracking_uri
+
+    a = build_parser().parse_args(argv)
     if a.model:
         chain = lineage(a.tracking_uri or default_tracking_uri(create=False), a.model)
         print(json.dumps(chain, indent=2) if a.json else render_lineage(chain))
