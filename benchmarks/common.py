@@ -1,7 +1,8 @@
 """What the benchmarks share: the loopback-only environment, a machine description, JSON output.
 
-Call ``set_env()`` before anything imports ray, mlflow or timm (environment.md, "Environment for
-tests and CI"); values already in the environment win.
+Call ``set_env()`` before anything imports ray, mlflow or timm (Ray reads its settings at import):
+the same loopback-only settings as tests/conftest.py and the Makefile; values already in the
+environment win.
 """
 
 from __future__ import annotations

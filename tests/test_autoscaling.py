@@ -33,7 +33,8 @@ IDLE_TIMEOUT_MIN = 0.1  # 6 s: the removal is part of what the test waits for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(170)]
 
-# environment.md, "Environment for tests and CI" and "Autoscaling on one machine".
+# The loopback-only test settings (tests/conftest.py) plus Ray's fake multi-node provider, with
+# the autoscaler polling every second (docs/cluster.md, "Autoscaling on a laptop").
 ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",

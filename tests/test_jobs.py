@@ -45,7 +45,7 @@ def head() -> Iterator[str]:
         "--ray-client-server-port", str(free_port()),
         "--node-manager-port", str(free_port()),
         "--object-manager-port", str(free_port()),
-        "--num-cpus", "4",  # training workers must never starve Ray Data reads (environment.md)
+        "--num-cpus", "4",  # 2 one-CPU training workers must leave CPUs for Ray Data reads
         "--temp-dir", temp, "--disable-usage-stats",
     ]  # fmt: skip
     log = open(Path(temp) / "head.log", "wb")

@@ -1,6 +1,6 @@
 """Linear probe: how linearly separable the classes are in (parts of) the SVG latent.
 
-The SVG paper's claim (Sec. 5, docs/svg-method.md) is that the latent keeps DINO's semantics:
+The SVG paper's claim (arXiv 2510.15301, Sec. 5) is that the latent keeps DINO's semantics:
 ImageNet linear probe 81.80 for the SVG latent vs 81.71 for DINOv3. Here each image's latent
 (C, h, w) is mean-pooled over the grid to (C,), then split into the DINO channels, the residual
 channels and both; a multinomial logistic regression on standardised features is fitted on the
