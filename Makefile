@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: venv demo test test-fast lint typecheck pytest browser bench clean
+.PHONY: venv demo test test-fast lint typecheck pytest browser bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# docs/cli.md and the settings tables of docs/configuration.md are generated from the code;
+# tests/test_docs.py fails until they are regenerated after a flag or settings change.
+docs: $(STAMP)
+	$(PY) scripts/cli_reference.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache .mypy_cache
