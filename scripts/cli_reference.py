@@ -34,6 +34,9 @@ WIDTH = 100
 """Terminal width the help text is rendered for."""
 ORDER = ("demo", "train-ae", "precompute", "train", "eval", "promote", "serve", "import", "status")
 """The commands in pipeline order (every command of ``svg_ray.cli.COMMANDS``, once)."""
+PYTHON = (3, 11)
+"""The Python whose argparse renders docs/cli.md: its help layout differs between versions (the
+project image and the build machine run 3.11)."""
 BEGIN = "<!-- BEGIN generated settings tables (scripts/cli_reference.py; run `make docs`) -->"
 END = "<!-- END generated settings tables -->"
 
@@ -119,6 +122,7 @@ def cli_markdown() -> str:
         "Generated from the commands' own parsers by `scripts/cli_reference.py` (`make docs`);",
         "`tests/test_docs.py` fails when this file and the code disagree, so edit the code, not",
         "this file. Each command is also `python -m <module>` (what `ray job submit` runs).",
+        f"Rendered by Python {PYTHON[0]}.{PYTHON[1]}'s argparse for {WIDTH}-column terminals.",
         "Settings files and defaults: [configuration.md](configuration.md).",
         "",
         "| command | module | what |",
@@ -301,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
     a = p.parse_args(argv)
+    if sys.version_info[:2] != PYTHON:
+        print(
+            f"docs/cli.md is rendered with Python {PYTHON[0]}.{PYTHON[1]}'s argparse; run this "
+            f"with that Python (this is {sys.version_info[0]}.{sys.version_info[1]})"
+        )
+        return 2
     stale = []
     for path, text in outputs().items():
         if path.exists() and path.read_text() == text:

@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +43,8 @@ def _same(path: Path, expected: str) -> None:
 
 
 def test_cli_reference_is_generated_from_the_parsers(gen: ModuleType) -> None:
+    if sys.version_info[:2] != gen.PYTHON:  # argparse's layout changes between versions
+        pytest.skip(f"docs/cli.md is rendered by Python {gen.PYTHON}'s argparse")
     _same(gen.CLI_DOC, gen.cli_markdown())
 
 
