@@ -100,8 +100,8 @@ OUTSIDE = re.compile(r"environment\.md|svg-method|ray-platform|style\.md|\.\./sh
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg", ".ini", ".json"}
 SKIP_DIRS = {"outputs", "build", "dist", "node_modules", "__pycache__"}
 PENDING: dict[str, str] = {
-    # Another branch (GPU speed work) is editing this file; its one citation is replaced when
-    # that branch merges: "SVG's latent samples well in few Euler steps (the paper's Table 3 ...".
+    # Another branch (GPU speed work) is editing this file; at its merge the citation becomes
+    # "(the SVG paper, arXiv 2510.15301, Sec. 5: FID 6.49 at 10 steps ...)" and this entry goes.
     "svg_ray/serving/config.py": "svg-method.md Sec. 5",
 }
 """Known citations awaiting a merge: file -> the exact text (remove the entry with the text)."""
