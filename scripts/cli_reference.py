@@ -32,8 +32,6 @@ CLI_DOC = REPO / "docs" / "cli.md"
 CONFIG_DOC = REPO / "docs" / "configuration.md"
 WIDTH = 100
 """Terminal width the help text is rendered for."""
-ORDER = ("demo", "train-ae", "precompute", "train", "eval", "promote", "serve", "import", "status")
-"""The commands in pipeline order (every command of ``svg_ray.cli.COMMANDS``, once)."""
 PYTHON = (3, 11)
 """The Python whose argparse renders docs/cli.md: its help layout differs between versions (the
 project image and the build machine run 3.11)."""
@@ -113,9 +111,6 @@ def cli_markdown() -> str:
     """The whole of docs/cli.md."""
     from svg_ray import cli
 
-    missing = set(cli.COMMANDS) ^ set(ORDER)
-    if missing:
-        raise RuntimeError(f"ORDER and svg_ray.cli.COMMANDS differ in {sorted(missing)}")
     out = [
         "# Command-line reference",
         "",
@@ -128,14 +123,14 @@ def cli_markdown() -> str:
         "| command | module | what |",
         "|---|---|---|",
     ]
-    for name in ORDER:
-        path, what = cli.COMMANDS[name]
-        out.append(f"| [`svg-ray {name}`](#svg-ray-{name}) | `{path}` | {_cell(what)} |")
+    for name, path in cli.COMMANDS.items():  # pipeline order
+        out.append(
+            f"| [`svg-ray {name}`](#svg-ray-{name}) | `{path}` | {_cell(cli.describe(path))} |"
+        )
     out += ["", "## svg-ray", "", "```text", top_level_help(), "```"]
     with fixed_width():
-        for name in ORDER:
-            module = importlib.import_module(cli.COMMANDS[name][0])
-            parser = command_parser(module)
+        for name, path in cli.COMMANDS.items():
+            parser = command_parser(importlib.import_module(path))
             out += ["", f"## svg-ray {name}", "", "```text", parser.format_help().rstrip(), "```"]
             for sub, sub_parser in subcommands(parser).items():
                 out += [
@@ -236,8 +231,8 @@ def command_sections() -> list[tuple[str, list[Any]]]:
     from svg_ray import cli
 
     out: list[tuple[str, list[Any]]] = []
-    for name in ORDER:
-        module = importlib.import_module(cli.COMMANDS[name][0])
+    for name, path in cli.COMMANDS.items():
+        module = importlib.import_module(path)
         if hasattr(module, "COMMAND"):
             out.append((name, module.COMMAND.sections))
         for sub, command in getattr(module, "COMMANDS", {}).items():

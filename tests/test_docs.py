@@ -58,10 +58,9 @@ def test_cli_reference_covers_every_command_and_flag(gen: ModuleType) -> None:
     """Every command of `svg-ray` (and every eval task) has a section holding all its flags."""
     from svg_ray.cli import COMMANDS
 
-    assert set(gen.ORDER) == set(COMMANDS)
     text = gen.CLI_DOC.read_text()
     sections = dict(re.findall(r"^##+ (svg-ray[^\n]*)\n\n```text\n(.*?)\n```", text, re.M | re.S))
-    for name, (module, _) in COMMANDS.items():
+    for name, module in COMMANDS.items():
         parser = gen.command_parser(importlib.import_module(module))
         parsers = {f"svg-ray {name}": parser}
         parsers.update({f"svg-ray {name} {s}": p for s, p in gen.subcommands(parser).items()})
