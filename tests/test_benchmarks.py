@@ -195,6 +195,7 @@ def test_gpu_benchmark_records_oom_and_goes_on(
     assert r["status"] == "errors in ['sample_b1']"
 
 
+@pytest.mark.integration  # runs the benchmark as a subprocess
 def test_quality_benchmark_smoke_and_skip(tmp_path: Path) -> None:
     """On a tiny random bundle: the judge is good on held-out real digits (so the metric means
     something), every setting gets a row, and a missing bundle is a clean skip (exit code 3)."""

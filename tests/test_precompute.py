@@ -33,6 +33,7 @@ from svg_ray.config import ConfigError
 from svg_ray.data import schema
 from svg_ray.data.digits import write_image_folder
 from svg_ray.data.images import prepare_image, to_model_input
+from svg_ray.data.inputs import DecodeChunk, InputPlan
 from svg_ray.data.latents import LatentStats, latents_to_numpy, latents_to_torch
 from svg_ray.data.manifest import (
     DatasetManifest,
@@ -44,9 +45,7 @@ from svg_ray.data.manifest import (
 )
 from svg_ray.data.precompute import (
     Chunk,
-    DecodeChunk,
     EncodeChunk,
-    InputPlan,
     PrecomputeConfig,
     PrecomputeError,
     WriteChunk,
