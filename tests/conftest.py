@@ -73,15 +73,17 @@ SYSTEM_FILES = {"test_jobs.py", "test_demo.py", "test_autoscaling.py"}
 """Whole-job tests: each starts its own Ray cluster, job server or browser."""
 SERVER_FIXTURES = {"ray_session", "s3", "s3_ray", "mlflow_server"}
 """Fixtures that start Ray or a server: a test using one is at least integration."""
+SYSTEM_FIXTURES = {"chromium"}
+"""Fixtures that drive a whole product surface (a browser on a page): the test is system."""
 
 
 def _tier(item: pytest.Item) -> str:
     explicit = [t for t in TIERS if item.get_closest_marker(t)]
     if explicit:
         return explicit[0]
-    if item.path.name in SYSTEM_FILES:
-        return "system"
     uses = set(getattr(item, "fixturenames", ()))
+    if item.path.name in SYSTEM_FILES or uses & SYSTEM_FIXTURES:
+        return "system"
     if uses & SERVER_FIXTURES or item.get_closest_marker("slow"):
         return "integration"
     return "unit"

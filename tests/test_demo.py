@@ -119,6 +119,7 @@ def test_cli_rejects_unknown_command_and_bad_option() -> None:
     assert "Traceback" not in opt.stderr
 
 
+@pytest.mark.unit  # in process, nothing started
 @pytest.mark.parametrize(
     "argv",
     [[c] for c in ("demo", "precompute", "train", "train-ae", "serve", "import", "status")]
