@@ -379,7 +379,7 @@ class DecodeChunk:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One chunk spec -> one row: ok ids/labels, uint8 crops (n, R, R, 3), skipped list."""
-        spec = json.loads(one(batch, "spec"))
+        spec = json.loads(one(batch, schema.ROW_SPEC))
         t0 = time.perf_counter()
         ids, labels, images, skipped = [], [], [], []
         raw = fetch(spec["format"], spec["sources"], spec["image_column"], self.pool)
@@ -394,13 +394,13 @@ class DecodeChunk:
         r = self.resolution
         stacked = np.stack(images) if images else np.zeros((0, r, r, 3), np.uint8)
         return {
-            "chunk": np.array([spec["chunk"]], np.int64),
-            "expected": np.array([len(spec["ids"])], np.int64),
-            "ids": np.array([json.dumps(ids)]),
-            "labels": np.array(labels, np.int64)[None],
-            "images": stacked[None],
-            "skipped": np.array([json.dumps(skipped)]),
-            "decode_s": np.array([time.perf_counter() - t0]),
+            schema.ROW_CHUNK: np.array([spec["chunk"]], np.int64),
+            schema.ROW_EXPECTED: np.array([len(spec["ids"])], np.int64),
+            schema.ROW_IDS: np.array([json.dumps(ids)]),
+            schema.ROW_LABELS: np.array(labels, np.int64)[None],
+            schema.ROW_IMAGES: stacked[None],
+            schema.ROW_SKIPPED: np.array([json.dumps(skipped)]),
+            schema.ROW_DECODE_S: np.array([time.perf_counter() - t0]),
         }
 
 
@@ -423,7 +423,7 @@ def decoded_chunks(
     pool of ``DecodeChunk`` actors (1 to ``max_actors``, ``cpus`` each)."""
     import ray
 
-    ds = ray.data.from_items([{"spec": s} for s in specs], override_num_blocks=len(specs))
+    ds = ray.data.from_items([{schema.ROW_SPEC: s} for s in specs], override_num_blocks=len(specs))
     return ds.map_batches(
         DecodeChunk,
         fn_constructor_kwargs={"resolution": resolution, "max_pixels": max_pixels},

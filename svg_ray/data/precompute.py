@@ -265,6 +265,17 @@ _one = inputs.one
 """The single row's value of ``key`` (stages run with batch_size=1: one chunk per call)."""
 
 
+PASSED_ON = (
+    schema.ROW_CHUNK,
+    schema.ROW_EXPECTED,
+    schema.ROW_IDS,
+    schema.ROW_LABELS,
+    schema.ROW_SKIPPED,
+    schema.ROW_DECODE_S,
+)
+"""The decode stage's columns the encode stage hands on to the writer unchanged."""
+
+
 class EncodeChunk:
     """Stage 2 (GPU or CPU actor pool): the autoencoder, loaded once per actor, encodes a chunk."""
 
@@ -302,7 +313,8 @@ class EncodeChunk:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decoded chunk -> latents (+ flips) and the per-channel moments of what is stored."""
         t0 = time.perf_counter()
-        images = np.array(_one(batch, "images"))  # writable copy: Ray's views are read-only
+        # A writable copy: Ray's views are read-only.
+        images = np.array(_one(batch, schema.ROW_IMAGES))
         latents = self._encode(images, flip=False)
         # Statistics of the stored (rounded) values, pooled over flips too: that is exactly
         # the distribution training samples from.
@@ -315,12 +327,12 @@ class EncodeChunk:
                 moments = moments.merge(
                     ChannelMoments.of(latents_to_torch(arr, self.dtype).float())
                 )
-        out = {k: batch[k] for k in ("chunk", "expected", "ids", "labels", "skipped", "decode_s")}
+        out = {k: batch[k] for k in PASSED_ON}
         out.update({k: v[None] for k, v in columns.items()})
-        out["count"] = np.array([moments.count], np.int64)
-        out["total"] = moments.total[None]
-        out["total_sq"] = moments.total_sq[None]
-        out["encode_s"] = np.array([time.perf_counter() - t0])
+        out[schema.ROW_COUNT] = np.array([moments.count], np.int64)
+        out[schema.ROW_TOTAL] = moments.total[None]
+        out[schema.ROW_TOTAL_SQ] = moments.total_sq[None]
+        out[schema.ROW_ENCODE_S] = np.array([time.perf_counter() - t0])
         return out
 
 
@@ -338,10 +350,10 @@ class WriteChunk:
         self.row_group_rows = row_group_rows
 
     def _table(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids = json.loads(_one(batch, "ids"))
+        ids = json.loads(_one(batch, schema.ROW_IDS))
         cols: dict[str, Any] = {
             schema.COL_ID: pa.array(ids, pa.string()),
-            schema.COL_LABEL: pa.array(np.asarray(_one(batch, "labels")), pa.int64()),
+            schema.COL_LABEL: pa.array(np.asarray(_one(batch, schema.ROW_LABELS)), pa.int64()),
         }
         names = [schema.COL_LATENT, schema.COL_LATENT_FLIP] if self.flip else [schema.COL_LATENT]
         for col in names:
@@ -380,19 +392,21 @@ class WriteChunk:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encoded chunk -> files; returns a one-row summary."""
         t0 = time.perf_counter()
-        chunk = int(_one(batch, "chunk"))
-        rows = len(json.loads(_one(batch, "ids")))
+        chunk = int(_one(batch, schema.ROW_CHUNK))
+        rows = len(json.loads(_one(batch, schema.ROW_IDS)))
         rel: str | None = None
         size = 0
         if rows:  # an all-bad chunk writes no (empty) shard, only its record
             rel = shard_name(chunk)
             size = self._write_shard(self._table(batch), rel)
-        skipped = json.loads(_one(batch, "skipped"))
-        labels, counts = np.unique(np.asarray(_one(batch, "labels"), np.int64), return_counts=True)
+        skipped = json.loads(_one(batch, schema.ROW_SKIPPED))
+        labels, counts = np.unique(
+            np.asarray(_one(batch, schema.ROW_LABELS), np.int64), return_counts=True
+        )
         write_s = time.perf_counter() - t0
         record = {
             "chunk": chunk,
-            "expected": int(_one(batch, "expected")),
+            "expected": int(_one(batch, schema.ROW_EXPECTED)),
             "rows": rows,
             "shard": rel,
             "bytes": size,
@@ -400,13 +414,13 @@ class WriteChunk:
             # label -> rows written: the manifest summarises how mixed the shards are
             "labels": {str(int(y)): int(c) for y, c in zip(labels, counts, strict=True)},
             "moments": {
-                "count": int(_one(batch, "count")),
-                "total": np.asarray(_one(batch, "total"), np.float64).tolist(),
-                "total_sq": np.asarray(_one(batch, "total_sq"), np.float64).tolist(),
+                "count": int(_one(batch, schema.ROW_COUNT)),
+                "total": np.asarray(_one(batch, schema.ROW_TOTAL), np.float64).tolist(),
+                "total_sq": np.asarray(_one(batch, schema.ROW_TOTAL_SQ), np.float64).tolist(),
             },
             "seconds": {
-                "decode": float(_one(batch, "decode_s")),
-                "encode": float(_one(batch, "encode_s")),
+                "decode": float(_one(batch, schema.ROW_DECODE_S)),
+                "encode": float(_one(batch, schema.ROW_ENCODE_S)),
                 "write": write_s,
             },
         }
@@ -416,13 +430,13 @@ class WriteChunk:
         # The record is the commit: written after the shard, so its presence means "done".
         storage.write_json(storage.join(self.out, record_name(chunk)), record)
         return {
-            "chunk": np.array([chunk], np.int64),
-            "rows": np.array([rows], np.int64),
-            "skipped": np.array([len(skipped)], np.int64),
-            "bytes": np.array([size], np.int64),
-            "decode_s": batch["decode_s"],
-            "encode_s": batch["encode_s"],
-            "write_s": np.array([write_s]),
+            schema.ROW_CHUNK: np.array([chunk], np.int64),
+            schema.ROW_ROWS: np.array([rows], np.int64),
+            schema.ROW_SKIPPED: np.array([len(skipped)], np.int64),
+            schema.ROW_BYTES: np.array([size], np.int64),
+            schema.ROW_DECODE_S: batch[schema.ROW_DECODE_S],
+            schema.ROW_ENCODE_S: batch[schema.ROW_ENCODE_S],
+            schema.ROW_WRITE_S: np.array([write_s]),
         }
 
 

@@ -25,7 +25,7 @@ from svg_ray.checkpoint import (
     read_metadata,
 )
 from svg_ray.config import ConfigError, require, to_dict
-from svg_ray.data import inputs
+from svg_ray.data import inputs, schema
 from svg_ray.data.images import DEFAULT_MAX_PIXELS
 from svg_ray.data.inputs import InputPlan
 from svg_ray.data.precompute import Chunk, make_chunks
@@ -165,7 +165,9 @@ def run_stage(
     if decode_resolution:
         ds = inputs.decoded_chunks(specs, decode_resolution, DEFAULT_MAX_PIXELS, run.decode_cpus, 2)
     else:
-        ds = ray.data.from_items([{"spec": s} for s in specs], override_num_blocks=len(specs))
+        ds = ray.data.from_items(
+            [{schema.ROW_SPEC: s} for s in specs], override_num_blocks=len(specs)
+        )
     ds = ds.map_batches(
         stage,
         fn_constructor_kwargs={
@@ -196,7 +198,7 @@ def image_chunk_specs(plans: list[InputPlan], image_column: str, chunk_size: int
 
 def require_decoded(row: dict[str, np.ndarray], option: str) -> None:
     """Every listed image must decode: a metric over a silently smaller set is wrong."""
-    skipped = json.loads(stages.one(row, "skipped"))
+    skipped = json.loads(stages.one(row, schema.ROW_SKIPPED))
     if skipped:
         shown = "; ".join(f"{i}: {why}" for i, why in skipped[:5])
         raise ConfigError(
@@ -492,7 +494,7 @@ def evaluate_probe(
     for row in run_stage(specs, stages.EncodePooled, kwargs, run, ae_cfg.resolution):
         require_decoded(row, "--input/--test-input")
         pooled.append(np.asarray(stages.one(row, "pooled"), np.float64))
-        labels.append(np.asarray(stages.one(row, "labels"), np.int64))
+        labels.append(np.asarray(stages.one(row, schema.ROW_LABELS), np.int64))
     x, y = np.concatenate(pooled), np.concatenate(labels)
     n_listed = sum(len(p.ids) for p in plans)
     check_count("probe images", n_listed, len(x))

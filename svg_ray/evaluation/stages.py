@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from svg_ray.data import schema
 from svg_ray.data.images import to_model_input
 from svg_ray.data.inputs import DecodeChunk, one
 from svg_ray.evaluation.stats import ImageCountError
@@ -111,7 +112,7 @@ class GenerateFeatures:
         from svg_ray.generate import generate, to_uint8
 
         t0 = time.perf_counter()
-        spec = json.loads(one(batch, "spec"))
+        spec = json.loads(one(batch, schema.ROW_SPEC))
         indices = np.arange(spec["start"], spec["start"] + spec["count"], dtype=np.int64)
         pools, logits, shown = [], [], []
         for i in range(0, len(indices), self.batch_size):
@@ -127,7 +128,7 @@ class GenerateFeatures:
             logits.append(logit)
             shown.append(u8.numpy()[idx < self.preview])
         return {
-            "chunk": np.array([spec["chunk"]], np.int64),
+            schema.ROW_CHUNK: np.array([spec["chunk"]], np.int64),
             "indices": indices[None],
             "pool": np.concatenate(pools)[None],
             "logits": np.concatenate(logits)[None],
@@ -153,13 +154,13 @@ class ImageFeatures:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decoded chunk -> pool features (n, 2048); ids and skipped inputs passed through."""
-        images = np.array(one(batch, "images"))  # writable copy: Ray's views are read-only
+        images = np.array(one(batch, schema.ROW_IMAGES))  # writable copy: Ray's views are read-only
         pool, _ = self.inception(images)
         return {
-            "chunk": batch["chunk"],
-            "expected": batch["expected"],
-            "ids": batch["ids"],
-            "skipped": batch["skipped"],
+            schema.ROW_CHUNK: batch[schema.ROW_CHUNK],
+            schema.ROW_EXPECTED: batch[schema.ROW_EXPECTED],
+            schema.ROW_IDS: batch[schema.ROW_IDS],
+            schema.ROW_SKIPPED: batch[schema.ROW_SKIPPED],
             "pool": pool[None],
         }
 
@@ -196,7 +197,7 @@ class ReconstructFeatures:
         from svg_ray.evaluation.image_metrics import psnr, ssim
         from svg_ray.generate import to_uint8
 
-        images = np.array(one(batch, "images"))  # (n, R, R, 3) uint8, writable
+        images = np.array(one(batch, schema.ROW_IMAGES))  # (n, R, R, 3) uint8, writable
         res = self.ae.cfg.resolution
         cols: dict[str, list[np.ndarray]] = {
             "psnr": [np.zeros(0)],
@@ -208,7 +209,7 @@ class ReconstructFeatures:
             "preview_recon": [np.zeros((0, res, res, 3), np.uint8)],
         }
         # The report shows the set's first images: they are in chunk 0.
-        show = self.preview if int(one(batch, "chunk")) == 0 else 0
+        show = self.preview if int(one(batch, schema.ROW_CHUNK)) == 0 else 0
         for i in range(0, len(images), self.batch_size):
             real = images[i : i + self.batch_size]
             x = to_model_input(real).to(self.device)  # (B, 3, R, R) in [-1, 1]
@@ -222,7 +223,7 @@ class ReconstructFeatures:
             cols["preview_real"].append(real[: max(0, show - i)])
             cols["preview_recon"].append(recon[: max(0, show - i)])
         out = {k: np.concatenate(v)[None] for k, v in cols.items()}
-        for k in ("chunk", "expected", "ids", "skipped"):
+        for k in (schema.ROW_CHUNK, schema.ROW_EXPECTED, schema.ROW_IDS, schema.ROW_SKIPPED):
             out[k] = batch[k]
         return out
 
@@ -241,18 +242,18 @@ class EncodePooled:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decoded chunk -> pooled latents (n, C) and labels (n,)."""
-        images = np.array(one(batch, "images"))  # writable copy: Ray's views are read-only
+        images = np.array(one(batch, schema.ROW_IMAGES))  # writable copy: Ray's views are read-only
         pooled = [np.zeros((0, self.ae.latent_channels), np.float32)]
         for i in range(0, len(images), self.batch_size):
             x = to_model_input(images[i : i + self.batch_size]).to(self.device)
             z = self.ae.encode(x)  # (B, C, h, w)
             pooled.append(z.float().mean(dim=(2, 3)).cpu().numpy())
         return {
-            "chunk": batch["chunk"],
-            "expected": batch["expected"],
-            "ids": batch["ids"],
-            "labels": batch["labels"],
-            "skipped": batch["skipped"],
+            schema.ROW_CHUNK: batch[schema.ROW_CHUNK],
+            schema.ROW_EXPECTED: batch[schema.ROW_EXPECTED],
+            schema.ROW_IDS: batch[schema.ROW_IDS],
+            schema.ROW_LABELS: batch[schema.ROW_LABELS],
+            schema.ROW_SKIPPED: batch[schema.ROW_SKIPPED],
             "pooled": np.concatenate(pooled)[None],
         }
 
@@ -267,7 +268,7 @@ def stream_in_order(
     pending: dict[int, dict[str, np.ndarray]] = {}
     nxt = 0
     for row in rows:
-        c = int(one(row, "chunk"))
+        c = int(one(row, schema.ROW_CHUNK))
         if c < nxt or c in pending or not 0 <= c < chunks:
             raise ImageCountError(f"chunk {c} arrived twice or is unknown ({chunks} chunks)")
         pending[c] = row
