@@ -116,7 +116,8 @@ RESUMABLE_PARAMS = frozenset(
         "train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
         "train.sample_steps", "train.sample_cfg", "train.recon_every", "train.recon_images",
         "train.decode_cpus", "run.max_failures", "run.keep_checkpoints", "run.register_as",
-        "run.cpus_per_worker", "run.tracking_uri", "run.storage_path",
+        "run.cpus_per_worker", "run.tracking_uri", "run.storage_path", "run.async_checkpoint",
+        "train.compile",
     }
 )  # fmt: skip
 TAG_OVERRIDE = "svg_ray.resubmitted."

@@ -95,6 +95,9 @@ def test_trains_on_s3_latents_with_mlflow_and_registry(
     assert sum(loss[-2:]) / 2 < 0.95 * sum(loss[:2]) / 2, loss
     for key in ("grad_norm", "lr", "images_per_s", "data_wait_fraction"):
         assert key in r.data.metrics
+    # Checkpoints upload in the background; what the ranks waited for is logged per checkpoint.
+    stalls = client.get_metric_history(r.info.run_id, "checkpoint_stall_s")
+    assert [m.step for m in stalls] == [20, 40] and all(0 <= m.value < 60 for m in stalls)
     assert r.data.params["train.model"] == "debug" and r.data.params["run.num_workers"] == "2"
     assert r.data.tags["svg_ray.run_name"] == "e2e"
     assert r.data.tags["svg_ray.storage_path"] == f"{s3_root}/runs/e2e"

@@ -40,6 +40,12 @@ from svg_ray.models.autoencoder import (
     ae_preset,
     calibrate_alignment,
 )
+from svg_ray.training.accel import (
+    compile_blocks,
+    load_optimizer_state,
+    optimizer_impl,
+    resolve_compile,
+)
 from svg_ray.training.common import RunSettings, TrainConfig
 from svg_ray.training.image_data import (
     ImageInput,
@@ -335,10 +341,15 @@ class AutoencoderTask(
         ae = SVGAutoencoder(AutoencoderConfig.from_dict(spec.autoencoder)).to(ctx.device)
         loss = AELoss(spec.loss).to(ctx.device)
         disc, betas = loss.discriminator, (self.cfg.beta1, self.cfg.beta2)
-        opt_g = torch.optim.Adam(ae.trainable_parameters(), lr=self.cfg.lr, betas=betas)
+        impl = optimizer_impl(ctx.device)
+        opt_g = torch.optim.Adam(ae.trainable_parameters(), lr=self.cfg.lr, betas=betas, **impl)
         opt_d = (
-            torch.optim.Adam(disc.parameters(), lr=self.cfg.disc_lr, betas=betas) if disc else None
+            torch.optim.Adam(disc.parameters(), lr=self.cfg.disc_lr, betas=betas, **impl)
+            if disc
+            else None
         )
+        if resolve_compile(self.cfg.compile, ctx.device):
+            compile_blocks([ae.decoder])  # the trained part that runs at full resolution
         self.parts = AutoencoderParts(ae, ae, loss, disc, opt_g, opt_d, self.cfg.grad_clip, ctx.amp)
         self.disc = disc  # unwrapped: checkpoints must not depend on the DDP wrapper
         self.stream = ImageStream(
@@ -383,10 +394,10 @@ class AutoencoderTask(
             )
         p = self.parts
         _restore_trainable(p.ae, state["ae"])
-        p.opt_g.load_state_dict(state["opt_g"])
+        load_optimizer_state(p.opt_g, state["opt_g"])
         if self.disc is not None and p.opt_d is not None:
             self.disc.load_state_dict(state["disc"])
-            p.opt_d.load_state_dict(state["opt_d"])
+            load_optimizer_state(p.opt_d, state["opt_d"])
 
     def prepare(self) -> None:
         """Train mode and DDP wrappers."""

@@ -36,6 +36,9 @@ class TrainConfig:
     """Max gradient norm; 0 disables clipping (the reference does not clip)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto' (bf16 autocast + TF32 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the model's repeated blocks: 'auto' on GPU only (on a CPU the compile costs
+    more than a short run gains), 'on' or 'off'. Checkpoints are the same either way."""
     seed: int = 0
     """Seed of the initial weights, the data order and every random choice (per step and rank)."""
     log_every: int = 50
@@ -89,6 +92,9 @@ class RunSettings:
     """Worker-group restarts from the last checkpoint before the run fails."""
     keep_checkpoints: int = 3
     """Checkpoints kept in storage (older ones are deleted)."""
+    async_checkpoint: bool = True
+    """Upload checkpoints in the background (the workers wait only while rank 0 writes the file
+    locally, not for the upload); --no-async-checkpoint waits for every upload."""
     experiment: str = "svg-ray"
     """MLflow experiment name."""
     tracking_uri: str | None = None
@@ -206,19 +212,33 @@ def device_and_precision(precision: str) -> tuple[torch.device, torch.dtype | No
     return device, None
 
 
-def save_checkpoint(state: dict[str, Any], metrics: dict[str, Any]) -> None:
+def save_checkpoint(state: dict[str, Any], metrics: dict[str, Any], upload_async: bool) -> float:
     """Report ``metrics`` from every rank; rank 0 attaches ``state`` as a checkpoint.
 
-    All ranks must call this at the same step (``ray.train.report`` synchronises them).
+    All ranks must call this at the same step (``ray.train.report`` synchronises them). With
+    ``upload_async`` rank 0 writes the file to a local folder and Ray Train uploads it in the
+    background (and deletes the folder afterwards): the ranks wait for the local write only.
+    Returns the seconds this rank stalled (the write and the report barrier).
     """
     import ray.train
 
+    t0 = time.perf_counter()
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
-        return
+        return time.perf_counter() - t0
+    if upload_async:
+        d = tempfile.mkdtemp(prefix="svg-ray-checkpoint-")
+        torch.save(state, os.path.join(d, "state.pt"))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
+        return time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         torch.save(state, os.path.join(d, "state.pt"))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    return time.perf_counter() - t0
 
 
 def load_checkpoint() -> dict[str, Any] | None:

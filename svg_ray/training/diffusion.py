@@ -29,6 +29,13 @@ from svg_ray.generate import image_grid, to_uint8
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
 from svg_ray.models.ema import EMA
 from svg_ray.training import data as tdata
+from svg_ray.training.accel import (
+    DevicePrefetcher,
+    compile_blocks,
+    load_optimizer_state,
+    optimizer_impl,
+    resolve_compile,
+)
 from svg_ray.training.common import RunSettings, TrainConfig
 from svg_ray.training.trainer import (
     JobPlan,
@@ -235,15 +242,24 @@ def diffusion_step(p: DiffusionParts, x: torch.Tensor, y: torch.Tensor) -> dict[
 
 
 def make_parts(cfg: DiffusionTrainConfig, dcfg: DiTConfig, device: torch.device) -> DiffusionParts:
-    """A freshly initialised DiT (seeded by ``cfg.seed``), its EMA, AdamW and the flow loss."""
+    """A freshly initialised DiT (seeded by ``cfg.seed``), its EMA, AdamW and the flow loss.
+
+    The DiT's blocks are compiled when ``cfg.compile`` resolves on for ``device`` (the EMA copy,
+    used only to sample, stays eager); AdamW is fused on CUDA.
+    """
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
     model = DiT(dcfg).to(device)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+        **optimizer_impl(device),
     )
-    return DiffusionParts(
-        model, model, EMA(model, cfg.ema_decay), opt, FlowLoss(cfg.time_shift), cfg.grad_clip, None
-    )
+    ema = EMA(model, cfg.ema_decay)
+    if resolve_compile(cfg.compile, device):
+        compile_blocks(model.blocks)
+    return DiffusionParts(model, model, ema, opt, FlowLoss(cfg.time_shift), cfg.grad_clip, None)
 
 
 class DiffusionTask(
@@ -272,7 +288,7 @@ class DiffusionTask(
         """Restore weights, EMA and optimiser."""
         self.parts.model.load_state_dict(state["model"])
         self.parts.ema.model.load_state_dict(state["ema"])
-        self.parts.opt.load_state_dict(state["opt"])
+        load_optimizer_state(self.parts.opt, state["opt"])
 
     def prepare(self) -> None:
         """The DDP wrapper."""
@@ -281,12 +297,19 @@ class DiffusionTask(
         if self.ctx.world > 1:
             self.parts.forward = ray.train.torch.prepare_model(self.parts.model)
 
-    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised token batches (B, T, C) and labels, from batch ``start`` of ``epoch``."""
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Normalised token batches (B, T, C) and labels, from batch ``start`` of ``epoch``.
+
+        The next batch is copied to the device while the current step runs; the fp16 -> fp32
+        cast and the normalisation run there (half the bytes copied).
+        """
         stats = self.manifest.latent_stats
-        for batch in self.reader.epoch(epoch, start):
-            z, y = batch.to(self.ctx.device)  # fp16 -> fp32 on the device: half the copy
-            yield latents_to_tokens(stats.normalize(z)), y  # (B, T, C), (B,)
+
+        def tokens(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return latents_to_tokens(stats.normalize(z.float())), y  # (B, T, C), (B,)
+
+        cpu = ((b.latents, b.labels) for b in self.reader.epoch(epoch, start))
+        yield from DevicePrefetcher(cpu, self.ctx.device, tokens)
 
     def position(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
         """Where the reader stands (shard, row group, row) at this point of the epoch."""

@@ -58,6 +58,8 @@ class RunContext:
     """MLflow model name to register the exported model under (None: do not register)."""
     alias: str | None = None
     """Registry alias to point at the new version (with ``register_as``)."""
+    async_checkpoint: bool = True
+    """Upload checkpoints in the background (``RunSettings.async_checkpoint``)."""
 
 
 @dataclass
@@ -322,7 +324,9 @@ class Trainer:
             self.task.log_images(self.logger, step)
         if step % self.cfg.checkpoint_every == 0 or last:
             metrics = {"step": step, **{k: float(v) for k, v in logs.items()}}
-            save_checkpoint(self.state_dict(), metrics)
+            stall = save_checkpoint(self.state_dict(), metrics, self.task.run.async_checkpoint)
+            if self.logger is not None:  # what the ranks waited for: the local write + barrier
+                self.logger.metrics({"checkpoint_stall_s": stall}, step)
 
     def _log(self) -> None:
         """Average the logs of the steps since the last log line over those steps and the ranks
@@ -413,7 +417,9 @@ def launch(plan: JobPlan, run: RunSettings) -> RunResult:
     tracking.record_provenance(tracking_uri, run_id)
     if plan.record_inputs is not None:
         plan.record_inputs(tracking_uri, run_id)
-    context = RunContext(tracking_uri, run_id, run.run_uri, run.register_as, run.alias)
+    context = RunContext(
+        tracking_uri, run_id, run.run_uri, run.register_as, run.alias, run.async_checkpoint
+    )
     print(
         f"[{task.label}] {'resuming' if resumed else 'starting'} run {run.name!r} "
         f"(MLflow run {run_id}); {plan.describe}",
