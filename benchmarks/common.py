@@ -107,3 +107,17 @@ def write_json(path: str | Path, report: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return out
+
+
+def loop_ema_update(ema: Any, model: Any) -> None:
+    """The per-tensor EMA update ``svg_ray.models.ema.EMA`` used before it went foreach: the
+    baseline of the EMA measurements (one ``lerp_`` per parameter, looked up by name)."""
+    import torch
+
+    with torch.no_grad():
+        src = dict(model.named_parameters())
+        for name, p in ema.model.named_parameters():
+            p.lerp_(src[name].detach().to(p.dtype), 1.0 - ema.decay)
+        src_b = dict(model.named_buffers())
+        for name, b in ema.model.named_buffers():
+            b.copy_(src_b[name])

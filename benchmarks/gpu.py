@@ -2,7 +2,7 @@
 decoder's share of sampling time, on one CUDA device.
 
     timeout 480 python -m benchmarks.gpu [--model SVG-XL] [--train-batch 32] [--sample-batches 1 64]
-        [--steps 25] [--warmup 3] [--iters 20] [--compile] [--time-budget-s 360]
+        [--steps 25] [--warmup 3] [--iters 20] [--no-compile] [--time-budget-s 360]
         [--out outputs/bench/gpu.json]
 
 Smoke run without a GPU (what tests/test_benchmarks.py runs):
@@ -19,8 +19,8 @@ still runs; the JSON is rewritten after each, so a timeout leaves what was measu
   labels of 1000 classes (no data loading): FlowLoss (t shift 0.4) forward under bf16 autocast,
   backward, AdamW (lr 1e-4, betas 0.9/0.999, wd 0: the job's settings). Images/s and MFU
   against the card's dense bf16 peak.
-- ``train_job_step``: the same plus what ``training/diffusion.py`` adds per step: the gradient
-  norm (``clip_grad_norm_`` with an infinite limit) and the EMA update.
+- ``train_job_step``: the job's own step (``training/diffusion.py``'s ``diffusion_step``): fused
+  AdamW, the gradient norm (``clip_grad_norm_`` with an infinite limit) and the foreach EMA.
 - ``flop_counter``: one forward+backward under ``torch.utils.flop_counter.FlopCounterMode``, with
   the math SDPA backend (must equal the formula below exactly) and with the default backend
   (fused kernels: the counter adds their backward's recompute of QK^T, 2 L T^2 D per image).
@@ -31,8 +31,12 @@ still runs; the JSON is rewritten after each, so a timeout leaves what was measu
   trained model in eval mode (an EMA copy has the same cost). Images/s, ms/image, DiT and
   decoder time, decoder share.
 - ``decoder_flops``: the decoder's FLOPs per image (FlopCounterMode, one image).
-- ``train_compiled`` with --compile: ``train`` with ``torch.compile(model)`` (compile time is in
-  the warm-up, reported apart).
+- ``ema``: one EMA update of the DiT, foreach (``EMA.update``) against the per-tensor loop.
+- ``checkpoint``: the job's state (DiT, EMA, AdamW moments) written to a local folder (what the
+  ranks wait for with asynchronous upload) and copied to a second one (what synchronous upload
+  adds, at least).
+- ``train_compiled`` (unless --no-compile): ``train_job_step`` with the DiT's blocks compiled in
+  place as ``--compile on`` does (the compile is timed apart, not in the warm-up).
 
 Each measurement resets and records ``torch.cuda.max_memory_allocated``. Every timed call has a
 ``torch.cuda.synchronize`` on both sides (sampling also between DiT and decoder); training rates
@@ -44,7 +48,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import math
 import platform
 import re
 import signal
@@ -60,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_model, machine, write_json
+from benchmarks.common import cpu_model, loop_ema_update, machine, write_json
 from svg_ray.data.latents import LatentStats, tokens_to_latents
 from svg_ray.flow.loss import FlowLoss
 from svg_ray.flow.samplers import SamplerConfig
@@ -69,6 +72,8 @@ from svg_ray.models.autoencoder import ae_preset
 from svg_ray.models.decoder import Decoder
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
 from svg_ray.models.ema import EMA
+from svg_ray.training.accel import compile_blocks, optimizer_impl
+from svg_ray.training.diffusion import DiffusionParts, diffusion_step
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched against
 # torch.cuda.get_device_name(); first match wins. Anything else needs --peak-tflops.
@@ -262,27 +267,35 @@ def build_dit(cfg: DiTConfig, device: torch.device) -> DiT:
 def bench_train(
     b: Bench, dit: DiT, flops: dict[str, int], job_step: bool = False, compiled: bool = False
 ) -> dict[str, Any]:
-    """Images/s, step time and MFU of one training step (see the module docstring)."""
+    """Images/s, step time and MFU of one training step (see the module docstring).
+
+    ``job_step``: the job's own ``diffusion_step`` (fused AdamW, gradient norm, foreach EMA);
+    ``compiled``: that step with the DiT's blocks compiled in place, as ``--compile`` does.
+    """
     a, cfg = b.args, dit.cfg
     B = a.train_batch
     dit.train()
-    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
-    flow = FlowLoss(0.4)
-    ema = EMA(dit, 0.9999) if job_step else None
-    model: Any = torch.compile(dit) if compiled else dit
     x = torch.randn(B, cfg.grid**2, cfg.in_channels, device=b.device)  # (B, T, C)
     y = torch.randint(0, cfg.num_classes, (B,), device=b.device)
+    if job_step or compiled:
+        opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, **optimizer_impl(b.device))
+        parts = DiffusionParts(dit, dit, EMA(dit, 0.9999), opt, FlowLoss(0.4), 0.0, b.amp)
+        if compiled:
+            compile_blocks(dit.blocks)
 
-    def step() -> None:
-        with b.autocast():
-            loss = flow(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if job_step:
-            torch.nn.utils.clip_grad_norm_(dit.parameters(), math.inf)
-        opt.step()
-        if ema is not None:
-            ema.update(dit)
+        def step() -> None:
+            diffusion_step(parts, x, y)
+
+    else:  # the bare step: unfused AdamW, no gradient norm, no EMA
+        opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+        flow = FlowLoss(0.4)
+
+        def step() -> None:
+            with b.autocast():
+                loss = flow(dit, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     compile_s = None
     try:
@@ -307,6 +320,55 @@ def bench_train(
     if compile_s is not None:
         out["compile_first_step_s"] = compile_s
     return out
+
+
+def bench_ema(b: Bench, dit: DiT) -> dict[str, Any]:
+    """One EMA update of the DiT: the foreach ``EMA.update`` against the per-tensor loop."""
+    ema = EMA(dit, 0.9999)
+    loop = b.timed(lambda: loop_ema_update(ema, dit), b.args.warmup, b.args.iters)
+    foreach = b.timed(lambda: ema.update(dit), b.args.warmup, b.args.iters)
+    return {
+        "tensors": len(list(dit.parameters())),
+        "loop": _ms(loop),
+        "foreach": _ms(foreach),
+        "speedup": round(float(np.median(loop) / np.median(foreach)), 3),
+    }
+
+
+def bench_checkpoint(b: Bench, dit: DiT) -> dict[str, Any]:
+    """The checkpoint's cost on the critical path. Asynchronous upload: the ranks wait while
+    rank 0 writes the job's state (DiT, EMA, AdamW moments: copied off the device) to a local
+    folder. Synchronous: they also wait for the upload, here a copy to another local folder (a
+    lower bound: an upload to S3 is slower)."""
+    import shutil
+    import tempfile
+
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, **optimizer_impl(b.device))
+    for p in dit.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # the moments exist, as in a running job
+    dit.zero_grad(set_to_none=True)
+    state = {
+        "model": dit.state_dict(),
+        "ema": EMA(dit, 0.9999).model.state_dict(),
+        "opt": opt.state_dict(),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        b.sync()
+        t0 = time.perf_counter()
+        torch.save(state, f"{d}/state.pt")
+        write_s = time.perf_counter() - t0
+        size = Path(d, "state.pt").stat().st_size
+        t0 = time.perf_counter()
+        shutil.copytree(d, f"{d}-upload")
+        upload_s = time.perf_counter() - t0
+        shutil.rmtree(f"{d}-upload")
+    return {
+        "checkpoint_gb": round(size / 1e9, 3),
+        "async_stall_s": round(write_s, 3),
+        "sync_stall_s": round(write_s + upload_s, 3),
+        "local_upload_s": round(upload_s, 3),
+    }
 
 
 def bench_flop_counter(b: Bench, dit: DiT, flops: dict[str, int]) -> dict[str, Any]:
@@ -474,7 +536,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG weight (1 = no CFG)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per measurement")
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd training")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the training step with the DiT's blocks compiled (as --compile on)",
+    )  # fmt: skip
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (unknown card)")
     p.add_argument(
         "--time-budget-s", type=float, default=360.0,
@@ -511,7 +576,22 @@ def summary_line(report: dict[str, Any], out: Path) -> str:
         show("train_job_step", lambda r: f"+grad-norm+EMA {r['images_per_s']:.1f} img/s"),
     ]
     if "train_compiled" in m:
-        parts.append(show("train_compiled", lambda r: f"compiled {r['images_per_s']:.1f} img/s"))
+        parts.append(
+            show(
+                "train_compiled",
+                lambda r: f"compiled {r['images_per_s']:.1f} img/s MFU {pct(r['mfu'])}",
+            )
+        )
+    parts.append(show("ema", lambda r: f"EMA foreach {r['speedup']:.1f}x loop"))
+    parts.append(
+        show(
+            "checkpoint",
+            lambda r: (
+                f"checkpoint {r['checkpoint_gb']:.1f} GB stall async {r['async_stall_s']:.1f} s "
+                f"vs sync {r['sync_stall_s']:.1f} s"
+            ),
+        )
+    )
     for bs in report["config"]["sample_batches"]:
         parts.append(
             show(
@@ -614,7 +694,9 @@ def run(a: argparse.Namespace, t_start: float) -> int:
         for bs in a.sample_batches:
             b.measure(f"sample_b{bs}", functools.partial(bench_sample, b, dit, decoder, flops, bs))
         b.measure("decoder_flops", lambda: bench_decoder_flops(b, dit, decoder))
-        if a.compile:
+        b.measure("ema", lambda: bench_ema(b, dit))
+        b.measure("checkpoint", lambda: bench_checkpoint(b, dit))
+        if a.compile:  # last: it compiles the shared DiT's blocks in place
             b.measure("train_compiled", lambda: bench_train(b, dit, flops, compiled=True))
         errors = [k for k, v in report["measurements"].items() if "error" in v]
         skipped = [k for k, v in report["measurements"].items() if "skipped" in v]

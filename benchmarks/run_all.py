@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import machine, write_json
 
-BENCHMARKS = ["precompute", "train", "serve", "sampler", "data_order", "quality"]
+BENCHMARKS = ["precompute", "train", "speed", "serve", "sampler", "data_order", "quality"]
 # Run only when named (--only gpu): it needs a CUDA device.
 GPU_BENCHMARKS = ["gpu"]
 SKIPPED = 3

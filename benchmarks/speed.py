@@ -29,7 +29,7 @@ one-line summary.
 
 from __future__ import annotations
 
-from benchmarks.common import machine, set_env, write_json
+from benchmarks.common import loop_ema_update, machine, set_env, write_json
 
 set_env()  # before anything imports ray, mlflow or timm
 
@@ -44,7 +44,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from benchmarks.train import NARROW_B, register_sizes  # noqa: E402
 from svg_ray.models.dit import DiT, count_params, dit_config  # noqa: E402
@@ -114,17 +113,6 @@ def bench_step(model: str, batch: int, windows: int, window: int) -> dict[str, A
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def loop_update(ema: EMA, model: nn.Module) -> None:
-    """The per-tensor EMA update this project used before ``EMA.update`` went foreach."""
-    src = dict(model.named_parameters())
-    for name, p in ema.model.named_parameters():
-        p.lerp_(src[name].detach().to(p.dtype), 1.0 - ema.decay)
-    src_b = dict(model.named_buffers())
-    for name, b in ema.model.named_buffers():
-        b.copy_(src_b[name])
-
-
 def random_model(size: str) -> DiT:
     """A DiT of ``size`` with random values (no init pass: faster at SVG-XL size)."""
     with torch.device("meta"):
@@ -142,10 +130,10 @@ def bench_ema(size: str, rounds: int) -> dict[str, Any]:
     model = random_model(size)
     ema = EMA(model, 0.9999)
     ema.update(model)  # warm-up of both paths (first touch of the EMA copy's pages)
-    loop_update(ema, model)
+    loop_ema_update(ema, model)
     times: dict[str, list[float]] = {"loop": [], "foreach": []}
     for _ in range(rounds):
-        for name, fn in (("loop", loop_update), ("foreach", EMA.update)):
+        for name, fn in (("loop", loop_ema_update), ("foreach", EMA.update)):
             t0 = time.perf_counter()
             fn(ema, model)
             times[name].append((time.perf_counter() - t0) * 1e3)

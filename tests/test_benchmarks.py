@@ -64,9 +64,10 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert f["train_per_step"] == 2 * f["train_per_image"] and "6*N*T" in f["formula"]
     m = r["measurements"]
     assert set(m) == {
-        "train", "train_job_step", "flop_counter", "sample_b1", "sample_b2", "decoder_flops"
+        "train", "train_job_step", "flop_counter", "sample_b1", "sample_b2", "decoder_flops",
+        "ema", "checkpoint", "train_compiled",
     }  # fmt: skip
-    for name in ("train", "train_job_step"):
+    for name in ("train", "train_job_step", "train_compiled"):
         _positive(m[name], "images_per_s", "model_tflops_per_s", "wall_s")
         _positive(m[name]["step"], "median_ms")
         assert m[name]["batch"] == 2 and m[name]["timed_steps"] == 1
@@ -81,6 +82,11 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         assert 0 < s["decoder_share"] < 1 and s["dit_mfu"] is None and s["outputs_finite"]
         assert s["image_shape"] == [bs, 3, 256, 256]
     _positive(m["decoder_flops"], "gflops_per_image", "params_m")
+    _positive(m["train_compiled"], "compile_first_step_s")
+    _positive(m["ema"], "speedup", "tensors")
+    c = m["checkpoint"]
+    _positive(c, "checkpoint_gb", "async_stall_s")
+    assert c["sync_stall_s"] >= c["async_stall_s"]
 
 
 @pytest.mark.slow
@@ -109,6 +115,26 @@ def test_sampler_benchmark_smoke(tmp_path: Path) -> None:
     eh = r["euler_vs_heun"]
     _positive(eh["euler"], "steps_per_s", "model_calls_per_s")
     assert 0.25 < eh["heun_over_euler_model_calls_per_s"] < 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_speed_benchmark_smoke(tmp_path: Path) -> None:
+    """Tiny settings: each speed-up is timed against its baseline, and the checkpoint stall comes
+    from a real two-worker Ray Train run (one sync and one async checkpoint per rank)."""
+    args = ["--model", "debug", "--batch", "4", "--windows", "1", "--window", "1"]
+    args += ["--ema-model", "debug", "--ema-rounds", "1", "--ckpt-model", "debug", "--ckpts", "1"]
+    r, stdout = _run(["benchmarks.speed", *args, "--no-s3"], tmp_path / "speed.json", 280)
+    assert stdout.strip().splitlines()[-1].startswith("bench speed: compiled step")
+    _positive(r["step"], "eager_s_per_step", "compiled_s_per_step", "speedup", "compile_s")
+    assert len(r["step"]["windows"]["on"]) == len(r["step"]["windows"]["off"]) == 1
+    e = r["ema"]
+    assert e["tensors"] == len(list(DiT(dit_config("debug")).parameters()))
+    _positive(e, "loop_ms", "foreach_ms", "speedup")
+    (c,) = r["checkpoint"]
+    assert c["storage"] == "local" and c["checkpoint_gb"] > 0
+    assert [len(rank["sync"]) + len(rank["async"]) for rank in c["per_rank"]] == [2, 2]
+    _positive(c, "sync_stall_s", "async_stall_s", "run_wall_s")
 
 
 ODD = DiTConfig(
