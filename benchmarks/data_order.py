@@ -46,7 +46,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
@@ -55,11 +54,11 @@ from svg_ray import storage  # noqa: E402
 from svg_ray.data import schema  # noqa: E402
 from svg_ray.data.manifest import DatasetManifest, expected_classes, load_manifest  # noqa: E402
 from svg_ray.data.order import EpochOrder  # noqa: E402
-from svg_ray.testing.latents import write_precomputed  # noqa: E402
+from svg_ray.testing.latents import CountingRead, write_precomputed  # noqa: E402
+from svg_ray.testing.procs import start_local_ray  # noqa: E402
 from svg_ray.testing.s3server import seaweedfs  # noqa: E402
 from svg_ray.training.latent_reader import (  # noqa: E402
     LatentReader,
-    ShardFile,
     ShardIndex,
     index_shards,
     read_row_group,
@@ -75,18 +74,6 @@ TARGET_LATENTS_PER_S = 2 * H100_LATENTS_PER_S
 def _cpu_self() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-class CountingRead:
-    """The reader's real storage read, recording (file, row group) of every read."""
-
-    def __init__(self) -> None:
-        self.units: list[tuple[str, int]] = []
-
-    def __call__(self, fs: pafs.FileSystem, shard: ShardFile, g: int, cols: list[str]) -> pa.Table:
-        """Read through ``read_row_group`` and record it."""
-        self.units.append((shard.uri, g))
-        return read_row_group(fs, shard, g, cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +302,7 @@ def ray_data_baseline(index: ShardIndex, passes: int, roots: dict[str, int]) -> 
     """The previous reader path: Ray Data reads label, latent and latent_flip of every row."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -110,7 +110,9 @@ def bench_http(bundle: Path, n: int, body: dict[str, Any]) -> dict[str, Any]:
     from svg_ray.serving import AppArgs
 
     port = _free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from svg_ray.testing.procs import start_local_ray
+
+    start_local_ray()
     out: dict[str, Any] = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from benchmarks.train import NARROW_B, register_sizes  # noqa: E402
 from svg_ray.models.dit import DiT, count_params, dit_config  # noqa: E402
 from svg_ray.models.ema import EMA  # noqa: E402
+from svg_ray.testing.procs import start_local_ray  # noqa: E402
 from svg_ray.training.common import step_seed  # noqa: E402
 from svg_ray.training.diffusion import DiffusionTrainConfig, diffusion_step, make_parts  # noqa: E402
 
@@ -272,7 +273,7 @@ def checkpoint_stalls(a: argparse.Namespace) -> list[dict[str, Any]]:
         if a.s3 and weed_binary() is not None:
             # Before Ray starts: its processes take the AWS variables the server exports.
             s3 = stack.enter_context(seaweedfs(Path(root, "s3"), "bench"))
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_local_ray()
         stack.callback(ray.shutdown)
         results.append(bench_checkpoint(a.ckpt_model, a.ckpts, a.ckpt_gap_s, f"{root}/runs"))
         if s3 is not None:

@@ -66,6 +66,7 @@ from svg_ray.data.latents import latents_to_tokens  # noqa: E402
 from svg_ray.data.manifest import DatasetManifest  # noqa: E402
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params  # noqa: E402
 from svg_ray.testing.latents import make_latent_dataset  # noqa: E402
+from svg_ray.testing.procs import start_local_ray  # noqa: E402
 from svg_ray.training import data as tdata  # noqa: E402
 from svg_ray.training.common import RunSettings, step_seed  # noqa: E402
 from svg_ray.training.diffusion import (  # noqa: E402
@@ -378,13 +379,7 @@ def ray_cluster(threads: int, setup_hook: Callable[[], None] | None) -> Iterator
     env: dict[str, Any] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     if setup_hook is not None:
         env["worker_process_setup_hook"] = setup_hook
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env=env,
-    )
+    start_local_ray(**env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     _quiet_ray_data()
     try:

@@ -35,12 +35,26 @@ from collections.abc import Iterator  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from svg_ray.testing.procs import start_local_ray  # noqa: E402
+
 pytest_plugins = ["fixtures_s3", "fixtures_mlflow"]
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ae_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The debug-size autoencoder (random tiny DINO, 64px) saved as a checkpoint."""
+    from svg_ray.checkpoint import save_autoencoder
+    from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
+    save_autoencoder(SVGAutoencoder(ae_preset("debug")).eval(), str(path))
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +67,7 @@ def ray_session() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        start_local_ray()
     yield
     ray.shutdown()
 

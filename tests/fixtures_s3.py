@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from svg_ray.testing.procs import start_local_ray
 from svg_ray.testing.s3server import (
     ACCESS_KEY,
     AWS_ENV_KEYS,
@@ -57,14 +58,7 @@ def s3_ray(s3: S3Server, ray_session: None) -> Iterator[S3Server]:
 
     if not _workers_see_endpoint(s3.endpoint):
         ray.shutdown()
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {k: os.environ[k] for k in AWS_ENV_KEYS if k in os.environ}},
-        )
+        start_local_ray({k: os.environ[k] for k in AWS_ENV_KEYS if k in os.environ})
     assert _workers_see_endpoint(s3.endpoint), "Ray workers do not see AWS_ENDPOINT_URL"
     yield s3
 

@@ -18,10 +18,10 @@ from latent_data import make_latent_dataset, write_precomputed
 from svg_ray.config import ConfigError
 from svg_ray.data.manifest import DatasetManifest, expected_classes, load_manifest
 from svg_ray.data.order import EpochOrder
+from svg_ray.testing.latents import CountingRead
 from svg_ray.training.latent_reader import (
     LatentBatch,
     LatentReader,
-    ShardFile,
     ShardIndex,
     index_shards,
     read_row_group,
@@ -36,28 +36,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[DatasetManifest, 
     root = str(tmp_path_factory.mktemp("order") / "ds")
     m = make_latent_dataset(root, "ae", rows=600, shards=6, shape=(4, 2, 2), row_group_rows=25)
     return m, index_shards(m, root)
-
-
-class CountingRead:
-    """The reader's real storage read, recording which row groups it decoded."""
-
-    def __init__(self) -> None:
-        self.units: list[tuple[str, int]] = []
-
-    def __call__(self, fs: pafs.FileSystem, shard: ShardFile, g: int, cols: list[str]) -> pa.Table:
-        self.units.append((shard.uri, g))
-        return read_row_group(fs, shard, g, cols)
-
-    def rows(self, index: ShardIndex) -> set[int]:
-        """Dataset row numbers of every row decoded."""
-        first = {index.units[u]: int(index.unit_first_row[u]) for u in range(len(index.units))}
-        by_uri = {f.uri: k for k, f in enumerate(index.files)}
-        out: set[int] = set()
-        for uri, g in self.units:
-            f = by_uri[uri]
-            start = first[(f, g)]
-            out |= set(range(start, start + index.files[f].row_groups[g]))
-        return out
 
 
 def _reader(data: tuple[DatasetManifest, ShardIndex], **kw: Any) -> LatentReader:

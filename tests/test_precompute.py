@@ -27,7 +27,7 @@ from mlflow_registry import AE_NAME, Registry, registry_fixture  # noqa: F401
 from test_images import BAD_SET_MAX_PIXELS, write_bad_images
 
 from svg_ray import storage
-from svg_ray.checkpoint import autoencoder_id, load_autoencoder, save_autoencoder
+from svg_ray.checkpoint import autoencoder_id, load_autoencoder
 from svg_ray.cli import main as cli_main
 from svg_ray.config import ConfigError
 from svg_ray.data import schema
@@ -55,7 +55,7 @@ from svg_ray.data.precompute import (
     run_precompute,
 )
 from svg_ray.errors import SvgRayError
-from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
+from svg_ray.models.autoencoder import SVGAutoencoder
 
 N_DIGITS = 120
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +64,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 # Shared inputs: a debug autoencoder checkpoint and an image tree with the bad-image set mixed in
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ae_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The debug-size autoencoder (random tiny DINO, 64px) saved as a checkpoint."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
-    save_autoencoder(SVGAutoencoder(ae_preset("debug")).eval(), str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from faultproxy import FaultProxy, Rule
 from fixtures_s3 import AWS_ENV_KEYS, S3Server
 
 from svg_ray import storage
-from svg_ray.checkpoint import save_autoencoder
 from svg_ray.data import schema
 from svg_ray.data.digits import write_image_folder
 from svg_ray.data.manifest import load_manifest
 from svg_ray.data.precompute import PrecomputeConfig, run_precompute
-from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset
+from svg_ray.testing.procs import start_local_ray
 from svg_ray.training.image_data import ImageInput, ImageStream, plan_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -38,19 +36,6 @@ RETRY_ENV = {
     storage.ENV_RETRY_SECONDS: "6",
 }
 BAD = {"3/truncated.png", "7/notes.txt"}
-
-
-def _ray_init(env: dict[str, str]) -> None:
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": env},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +54,14 @@ def faulty(s3: S3Server, ray_session: None) -> Iterator[FaultProxy]:
     for k, v in env.items():
         patch.setenv(k, v)
     ray.shutdown()
-    _ray_init(env)
+    start_local_ray(env)
     try:
         yield proxy
     finally:
         ray.shutdown()
         patch.undo()
         proxy.close()
-        _ray_init({k: os.environ[k] for k in AWS_ENV_KEYS if k in os.environ})
+        start_local_ray({k: os.environ[k] for k in AWS_ENV_KEYS if k in os.environ})
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +80,6 @@ def folder(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str,
             client.put_object(Bucket=s3.bucket, Key=f"faults/in/{rel}", Body=f.read_bytes())
             ids.append(rel)
     return s3.uri("faults/in"), ids
-
-
-@pytest.fixture(scope="module")
-def ae_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
-    save_autoencoder(SVGAutoencoder(ae_preset("debug")).eval(), str(path))
-    return str(path)
 
 
 def _burst_rules(keys: list[str], bucket: str) -> list[Rule]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from svg_ray import storage
 from svg_ray.data import schema
 from svg_ray.data.latents import ChannelMoments
 from svg_ray.data.manifest import DatasetManifest, ShardLabelSummary
+from svg_ray.training.latent_reader import ShardFile, ShardIndex, read_row_group
 
 
 def make_latent_dataset(
@@ -153,3 +155,27 @@ def write_precomputed(
         manifest.shard_labels = None  # what an older precompute's manifest looks like
     manifest.save(root)
     return manifest
+
+
+class CountingRead:
+    """The latent reader's real storage read (its ``read`` hook), recording the (file, row group)
+    of every read: which row groups a reader decoded, and how often."""
+
+    def __init__(self) -> None:
+        self.units: list[tuple[str, int]] = []
+
+    def __call__(self, fs: pafs.FileSystem, shard: ShardFile, g: int, cols: list[str]) -> pa.Table:
+        """Read through ``read_row_group`` and record it."""
+        self.units.append((shard.uri, g))
+        return read_row_group(fs, shard, g, cols)
+
+    def rows(self, index: ShardIndex) -> set[int]:
+        """Dataset row numbers of every row decoded."""
+        first = {index.units[u]: int(index.unit_first_row[u]) for u in range(len(index.units))}
+        by_uri = {f.uri: k for k, f in enumerate(index.files)}
+        out: set[int] = set()
+        for uri, g in self.units:
+            f = by_uri[uri]
+            start = first[(f, g)]
+            out |= set(range(start, start + index.files[f].row_groups[g]))
+        return out
