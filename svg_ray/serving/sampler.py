@@ -154,6 +154,20 @@ class SamplingPath:
         noise = initial_noise(seeds, c.grid**2, c.in_channels).to(self.device)
         return sample(self._velocity, noise, labels.to(self.device), cfg, c.num_classes)
 
+    def warm_up(self, max_images: int) -> None:
+        """Sample every graph shape that batches of 1 to ``max_images`` images can hit.
+
+        A compiled module has one graph for batch 1 and one for any larger batch
+        (``_mark_batch_dynamic``). The DiT sees N images, or 2N where guidance doubles the batch,
+        and the decoder N: one unguided image (DiT and decoder at 1) and a guided batch of
+        ``max_images`` (DiT at 2N >= 2, decoder at N) compile them all. One step each is enough:
+        a step's shapes do not depend on the step count.
+        """
+        for images, scale in ((1, 1.0), (max_images, 2.0)):
+            cfg = SamplerConfig(steps=1, cfg_scale=scale)
+            labels = torch.arange(images) % self.dit.cfg.num_classes
+            self.decode(self.latents(labels, list(range(images)), cfg))
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, T, C) -> uint8 images (B, H, W, 3) on the CPU, as ``generate.decode_tokens``
@@ -266,20 +280,9 @@ class SamplerModel:
         }
 
     def warm_up(self) -> float:
-        """Sample every graph shape a request can hit; the seconds it took.
-
-        A compiled module has one graph for batch 1 and one for any larger batch
-        (``_mark_batch_dynamic``). The DiT sees N images, or 2N where guidance doubles the batch,
-        and the decoder N, for N up to ``max_batch_images``: one unguided image (DiT and decoder
-        at 1) and a guided full chunk (DiT at 2N >= 2, decoder at N) compile them all. One step
-        each is enough: a step's shapes do not depend on the step count.
-        """
+        """``SamplingPath.warm_up`` for chunks of up to ``max_batch_images``; its seconds."""
         t0 = time.perf_counter()
-        n = self.server.max_batch_images
-        for images, scale in ((1, 1.0), (n, 2.0)):
-            cfg = SamplerConfig(steps=1, cfg_scale=scale)
-            labels = torch.arange(images) % self.dit.cfg.num_classes
-            self.path.decode(self.path.latents(labels, list(range(images)), cfg))
+        self.path.warm_up(self.server.max_batch_images)
         self._sync()
         return time.perf_counter() - t0
 
