@@ -92,12 +92,12 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
 def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:
     # Compiled with dynamic=False, every size is baked in except the batch dimension marked here:
     # one graph then serves every batch >= 2, and torch specialises batch 1 into a graph of its
-    # own (``SamplerModel.warm_up`` compiles both). dynamic=True would do the same for batch but
-    # also leave tokens, channels and widths symbolic, for no gain: they never change. Left to
-    # torch's default (dynamic=None), the first batch size seen is baked in and the second
-    # recompiles. Measured with the debug DiT on CPU: batches 1, 8, 2, 3, 5, 16, 1, 7 compile 2
-    # graphs this way (1 and >= 2), and 7 graphs with dynamic=False unmarked (a recompile for
-    # every new batch size, until torch's recompile limit falls back to eager).
+    # own (``SamplingPath.warm_up`` compiles both). dynamic=True also ends with those two graphs
+    # but leaves tokens, channels and widths symbolic too, for no gain: they never change. Left
+    # to torch's default (dynamic=None), the first size seen is baked in and the next new one
+    # recompiles as dynamic, so which request pays depends on arrival order. Measured with the
+    # debug DiT on CPU, batches 1, 8, 2, 3, 5, 16, 1, 7: 2 graphs this way, 7 with dynamic=False
+    # unmarked (one per new size, until torch's recompile limit falls back to eager).
     if tensors[0].shape[0] >= 2:
         for t in tensors:
             torch._dynamo.maybe_mark_dynamic(t, 0)
