@@ -428,15 +428,15 @@ def bench_sample(
     dit: DiT,
     decoder: Decoder,
     flops: dict[str, int],
+    cache: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]],
     batch: int,
     amp: torch.dtype | None,
     compiled: bool = False,
-    cache: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]] | None = None,
 ) -> dict[str, Any]:
     """Sampling + decode throughput at one batch size, precision and compile setting, and the
-    decoder's share of it."""
+    decoder's share of it; ``cache`` keeps each setting's ``SamplingPath`` across batches."""
     a = b.args
-    path, warmup_s = sampling_path(b, dit, decoder, amp, compiled, {} if cache is None else cache)
+    path, warmup_s = sampling_path(b, dit, decoder, amp, compiled, cache)
     # A 25-step SVG-XL batch of 64 is seconds long: a few timed runs pin its median.
     timed, shape, finite = _split(b, path, batch, a.steps, min(a.warmup, 1), min(a.iters, 5))
     totals = [p[0] + p[1] for p in timed]
@@ -719,7 +719,7 @@ def run(a: argparse.Namespace, t_start: float) -> int:
         other = None if amp is not None else torch.bfloat16
         alt = "fp32" if other is None else "bf16"
         paths: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]] = {}
-        sample = functools.partial(bench_sample, b, dit, decoder, flops, cache=paths)
+        sample = functools.partial(bench_sample, b, dit, decoder, flops, paths)
         for bs in a.sample_batches:
             b.measure(f"sample_b{bs}", functools.partial(sample, bs, amp))
             if variants:
