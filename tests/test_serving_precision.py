@@ -16,9 +16,10 @@ import yaml
 from test_serve_lib import make_bundle
 
 from svg_ray.config import ConfigError
+from svg_ray.errors import SvgRayError
 from svg_ray.generate import generate, to_uint8
 from svg_ray.serving import AppArgs, SamplerModel, ServerConfig
-from svg_ray.serving.sampler import resolve_compile, resolve_precision
+from svg_ray.serving.sampler import SamplingPath, resolve_compile, resolve_precision
 from svg_ray.serving.schema import parse_generate
 
 # 8 images in one chunk, at few and at the default steps; every label.
@@ -121,6 +122,24 @@ def test_bf16_is_active_and_close_to_fp32(bundle: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Compiling
 # --------------------------------------------------------------------------------------------
+
+
+def test_a_compile_failure_at_load_says_how_to_serve_without(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that cannot compile (no C compiler, no Triton) fails at load with one line that
+    names the way out, not on a request."""
+
+    def fail(self: SamplingPath, max_images: int) -> None:
+        raise RuntimeError("InductorError: no working C compiler found\nsecond line")
+
+    monkeypatch.setattr(SamplingPath, "warm_up", fail)
+    with pytest.raises(SvgRayError) as e:
+        _load(bundle, compile="on")
+    msg = str(e.value)
+    assert "\n" not in msg and "no working C compiler" in msg and "server.compile: 'off'" in msg
+    with pytest.raises(RuntimeError, match="no working C compiler"):  # eager: not a compile error
+        _load(bundle, precision="bf16").warm_up()
 
 
 @pytest.mark.slow  # compiles 4 graphs with gcc: ~10 s with torch's compile cache, minutes without

@@ -27,6 +27,7 @@ from torch import nn
 from svg_ray.checkpoint import BundleInfo, load_bundle
 from svg_ray.config import to_dict
 from svg_ray.data.latents import LatentStats, tokens_to_latents
+from svg_ray.errors import SvgRayError
 from svg_ray.flow.samplers import SamplerConfig, sample
 from svg_ray.generate import initial_noise, to_uint8
 from svg_ray.models.autoencoder import SVGAutoencoder
@@ -280,9 +281,21 @@ class SamplerModel:
         }
 
     def warm_up(self) -> float:
-        """``SamplingPath.warm_up`` for chunks of up to ``max_batch_images``; its seconds."""
+        """``SamplingPath.warm_up`` for chunks of up to ``max_batch_images``; its seconds.
+
+        A compile failure (no C compiler or Triton on the host, an unsupported op) becomes a
+        one-line ``SvgRayError`` that says how to serve without compiling."""
         t0 = time.perf_counter()
-        self.path.warm_up(self.server.max_batch_images)
+        try:
+            self.path.warm_up(self.server.max_batch_images)
+        except Exception as e:
+            if not self.path.compiled:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise SvgRayError(
+                f"compiling the sampler failed ({type(e).__name__}: {first}); "
+                "set server.compile: 'off' to serve without torch.compile"
+            ) from e
         self._sync()
         return time.perf_counter() - t0
 
