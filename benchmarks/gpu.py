@@ -1,9 +1,10 @@
-"""GPU benchmark: SVG-XL training-step throughput and MFU, 25-step CFG sampling throughput, and the
-decoder's share of sampling time, on one CUDA device.
+"""GPU benchmark: SVG-XL training-step throughput and MFU, 25-step CFG sampling throughput (bf16
+against fp32, compiled against eager), and the decoder's share of sampling time by step count, on
+one CUDA device.
 
     timeout 480 python -m benchmarks.gpu [--model SVG-XL] [--train-batch 32] [--sample-batches 1 64]
-        [--steps 25] [--warmup 3] [--iters 20] [--no-compile] [--time-budget-s 360]
-        [--out outputs/bench/gpu.json]
+        [--steps 25] [--few-steps 1 2 4 8 25] [--sample-variants auto] [--warmup 3] [--iters 20]
+        [--no-compile] [--time-budget-s 360] [--out outputs/bench/gpu.json]
 
 Smoke run without a GPU (what tests/test_benchmarks.py runs):
 
@@ -24,13 +25,20 @@ still runs; the JSON is rewritten after each, so a timeout leaves what was measu
 - ``flop_counter``: one forward+backward under ``torch.utils.flop_counter.FlopCounterMode``, with
   the math SDPA backend (must equal the formula below exactly) and with the default backend
   (fused kernels: the counter adds their backward's recompute of QK^T, 2 L T^2 D per image).
-- ``sample_b{N}`` per --sample-batches: ``svg_ray.generate.generate_latents`` (Euler, 25 steps,
-  time shift 0.15, constant CFG 4: conditional and null passes in one 2N batch) then the decode of
-  ``generate.decode_tokens`` with the SVG conv decoder (``ae_preset('svg').decoder`` at 256 px,
-  the only part of the autoencoder decoding needs), all under bf16 autocast; the DiT is the
+- ``sample_b{N}`` per --sample-batches: the served sampling code,
+  ``svg_ray.serving.sampler.SamplingPath`` (Euler, 25 steps, time shift 0.15, constant CFG 4:
+  conditional and null passes in one 2N batch, integrated in fp32) with the SVG conv decoder
+  (``ae_preset('svg').decoder`` at 256 px, the only part of the autoencoder decoding needs) down
+  to uint8 pixels on the host, at the bench's precision (bf16 autocast on CUDA); the DiT is the
   trained model in eval mode (an EMA copy has the same cost). Images/s, ms/image, DiT and
   decoder time, decoder share.
+- ``sample_b{N}_fp32`` and ``sample_b{N}_compiled`` (--sample-variants; by default on CUDA only):
+  the same in fp32 (TF32 matmuls; on CPU the other precision is bf16), and at the bench's
+  precision with ``server.compile`` on (copies of the models, compiled by the served load-time
+  warm-up, whose seconds are ``compile_warmup_s``).
 - ``decoder_flops``: the decoder's FLOPs per image (FlopCounterMode, one image).
+- ``decoder_share_by_steps`` (and ``_compiled`` with the variants): DiT and decoder time at each
+  of --few-steps (1, 2, 4, 8, 25) at the largest sample batch: where few-step sampling spends.
 - ``ema``: one EMA update of the DiT, foreach (``EMA.update``) against the per-tensor loop.
 - ``checkpoint``: the job's state (DiT, EMA, AdamW moments) written to a local folder (what the
   ranks wait for with asynchronous upload) and copied to a second one (what synchronous upload
@@ -40,12 +48,16 @@ still runs; the JSON is rewritten after each, so a timeout leaves what was measu
 
 Each measurement resets and records ``torch.cuda.max_memory_allocated``. Every timed call has a
 ``torch.cuda.synchronize`` on both sides (sampling also between DiT and decoder); training rates
-are images over the sum of timed steps, sampling rates use the median run.
+are images over the sum of timed steps, sampling rates use the median run (sampling runs at most
+1 untimed and 5 timed times per setting: a 25-step batch of 64 takes seconds). On an H100 the
+default run should take ~4 min, most of it compiling SVG-XL and the decoder for the compiled
+rows; --time-budget-s skips whatever would start after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gc
 import platform
@@ -64,14 +76,14 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_model, loop_ema_update, machine, write_json
-from svg_ray.data.latents import LatentStats, tokens_to_latents
+from svg_ray.data.latents import LatentStats
 from svg_ray.flow.loss import FlowLoss
 from svg_ray.flow.samplers import SamplerConfig
-from svg_ray.generate import generate_latents
 from svg_ray.models.autoencoder import ae_preset
 from svg_ray.models.decoder import Decoder
 from svg_ray.models.dit import DIT_SIZES, DiT, DiTConfig, count_params, dit_config
 from svg_ray.models.ema import EMA
+from svg_ray.serving.sampler import SamplingPath
 from svg_ray.training.accel import compile_blocks, optimizer_impl
 from svg_ray.training.diffusion import DiffusionParts, diffusion_step
 
@@ -417,48 +429,91 @@ def build_decoder(b: Bench, dit: DiT) -> Decoder:
         return Decoder(ae_cfg.decoder, dit.cfg.in_channels, resolution).eval()
 
 
-def bench_sample(
-    b: Bench, dit: DiT, decoder: Decoder, flops: dict[str, int], batch: int
-) -> dict[str, Any]:
-    """Sampling + decode throughput at one batch size, and the decoder's share of it."""
-    a, cfg = b.args, dit.cfg
+def sampling_path(
+    b: Bench,
+    dit: DiT,
+    decoder: Decoder,
+    amp: torch.dtype | None,
+    compiled: bool,
+    cache: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]],
+) -> tuple[SamplingPath, float | None]:
+    """The served sampling code (``svg_ray.serving.sampler.SamplingPath``) at one precision, eager
+    or compiled, and the seconds its load-time warm-up took where this call made it (None when
+    ``cache`` had it). Compiled paths work on copies: compiling is in place, and the eager
+    measurements and the training ones use the originals."""
+    key = (amp, compiled)
+    if key in cache:
+        return cache[key][0], None
     dit.eval()
-    scfg = SamplerConfig(steps=a.steps, kind="euler", cfg_scale=a.cfg_scale)
+    stats = LatentStats(np.zeros(dit.cfg.in_channels), np.ones(dit.cfg.in_channels))
+    if compiled:
+        dit, decoder = copy.deepcopy(dit), copy.deepcopy(decoder)
+    path = SamplingPath(dit, decoder, stats, amp=amp, compiled=compiled)
+    b.sync()
+    t0 = time.perf_counter()
+    # As a replica at load: every batch this benchmark runs then reuses a compiled graph.
+    path.warm_up(max(b.args.sample_batches))
+    b.sync()
+    cache[key] = (path, time.perf_counter() - t0)
+    return path, cache[key][1]
+
+
+def _split(
+    b: Bench, path: SamplingPath, batch: int, steps: int, warmup: int, iters: int
+) -> tuple[list[tuple[float, float]], list[int], bool]:
+    """(DiT s, decoder s) of each timed run, the uint8 image shape, whether latents were finite."""
+    a, cfg = b.args, path.dit.cfg
+    scfg = SamplerConfig(steps=steps, kind="euler", cfg_scale=a.cfg_scale)
     labels = torch.arange(batch) % cfg.num_classes
     seeds = list(range(batch))
-    zero, one = np.zeros(cfg.in_channels), np.ones(cfg.in_channels)
-    stats = LatentStats(zero, one)  # identity de-normalisation, same arithmetic as real stats
     parts: list[tuple[float, float]] = []
-    checks: list[tuple[bool, list[int]]] = []
+    shape: list[int] = []
+    finite: list[bool] = []
 
     def once() -> None:
         b.sync()
         t0 = time.perf_counter()
-        with b.autocast():
-            tokens = generate_latents(dit, labels, seeds, scfg)  # (B, T, C)
+        tokens = path.latents(labels, seeds, scfg)  # (B, T, C) fp32
         b.sync()
         t1 = time.perf_counter()
-        # generate.decode_tokens with the decoder alone (it takes a whole SVGAutoencoder)
-        with torch.no_grad(), b.autocast():
-            z = stats.denormalize(tokens, channel_dim=2)
-            images = decoder(tokens_to_latents(z, cfg.grid)).clamp(-1, 1)  # (B, 3, H, W)
-        b.sync()
+        images = path.decode(tokens)  # uint8 (B, H, W, 3) on the host, as served
         parts.append((t1 - t0, time.perf_counter() - t1))
-        checks.append((bool(torch.isfinite(images).all()), list(images.shape)))  # untimed
+        shape[:] = list(images.shape)
+        finite.append(bool(torch.isfinite(tokens).all()))  # untimed
 
-    runs = len(b.timed(once, a.warmup, a.iters))
-    timed = parts[-runs:]
+    runs = len(b.timed(once, warmup, iters))
+    return parts[-runs:], shape, all(finite)
+
+
+def bench_sample(
+    b: Bench,
+    dit: DiT,
+    decoder: Decoder,
+    flops: dict[str, int],
+    cache: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]],
+    batch: int,
+    amp: torch.dtype | None,
+    compiled: bool = False,
+) -> dict[str, Any]:
+    """Sampling + decode throughput at one batch size, precision and compile setting, and the
+    decoder's share of it; ``cache`` keeps each setting's ``SamplingPath`` across batches."""
+    a = b.args
+    path, warmup_s = sampling_path(b, dit, decoder, amp, compiled, cache)
+    # A 25-step SVG-XL batch of 64 is seconds long: a few timed runs pin its median.
+    timed, shape, finite = _split(b, path, batch, a.steps, min(a.warmup, 1), min(a.iters, 5))
     totals = [p[0] + p[1] for p in timed]
     dit_s = float(np.median([p[0] for p in timed]))
     dec_s = float(np.median([p[1] for p in timed]))
     total_s = float(np.median(totals))
-    cfg_factor = 2 if scfg.cfg_scale != 1.0 else 1
+    cfg_factor = 2 if a.cfg_scale != 1.0 else 1
     dit_flops_per_s = a.steps * cfg_factor * batch * flops["forward_per_image"] / dit_s
-    return {
+    out = {
         "batch": batch,
         "steps": a.steps,
-        "sampler": f"euler, time shift {scfg.time_shift}, cfg {scfg.cfg_scale} constant",
-        "timed_runs": runs,
+        "precision": path.precision,
+        "compiled": path.compiled,
+        "sampler": f"euler, time shift 0.15, cfg {a.cfg_scale} constant",
+        "timed_runs": len(timed),
         "images_per_s": round(batch / total_s, 3),
         "ms_per_image": round(1000 * total_s / batch, 3),
         "total": _ms(totals),
@@ -468,9 +523,45 @@ def bench_sample(
         "dit_images_per_s": round(batch / dit_s, 3),
         "dit_model_tflops_per_s": round(dit_flops_per_s / 1e12, 3),
         "dit_mfu": None if (m := b.mfu(dit_flops_per_s)) is None else round(m, 4),
-        "image_shape": checks[-1][1],
-        "outputs_finite": all(ok for ok, _ in checks),
+        "image_shape": shape,
+        "outputs_finite": finite,
     }
+    if warmup_s is not None and compiled:
+        out["compile_warmup_s"] = round(warmup_s, 2)
+    return out
+
+
+def bench_steps(
+    b: Bench,
+    dit: DiT,
+    decoder: Decoder,
+    batch: int,
+    amp: torch.dtype | None,
+    compiled: bool,
+    cache: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]],
+) -> dict[str, Any]:
+    """DiT and decoder time, and the decoder's share, at each of --few-steps (one batch)."""
+    a = b.args
+    path, _ = sampling_path(b, dit, decoder, amp, compiled, cache)
+    out: dict[str, Any] = {
+        "batch": batch,
+        "precision": path.precision,
+        "compiled": path.compiled,
+    }
+    for steps in a.few_steps:
+        if b.over_budget():
+            out[str(steps)] = {"skipped": "time budget"}
+            continue
+        timed, _, _ = _split(b, path, batch, steps, min(a.warmup, 1), min(a.iters, 5))
+        dit_s = float(np.median([p[0] for p in timed]))
+        dec_s = float(np.median([p[1] for p in timed]))
+        out[str(steps)] = {
+            "dit_ms": round(1000 * dit_s, 3),
+            "decode_ms": round(1000 * dec_s, 3),
+            "decoder_share": round(dec_s / (dit_s + dec_s), 4),
+            "ms_per_image": round(1000 * (dit_s + dec_s) / batch, 3),
+        }
+    return out
 
 
 def bench_decoder_flops(b: Bench, dit: DiT, decoder: Decoder) -> dict[str, Any]:
@@ -533,6 +624,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--sample-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=25, help="Euler steps per sample")
+    p.add_argument(
+        "--few-steps", type=int, nargs="+", default=[1, 2, 4, 8, 25],
+        help="step counts for the decoder's share (at the largest --sample-batches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sample-variants", default="auto", choices=["auto", "on", "off"],
+        help="also time sampling at the other precision and compiled (auto: on CUDA only; on "
+        "CPU, bf16 convolutions and compiling take minutes)",
+    )  # fmt: skip
     p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG weight (1 = no CFG)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per measurement")
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
@@ -552,6 +652,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cpu is for smoke runs: add --model debug")
     if min(a.train_batch, *a.sample_batches, a.steps) < 1 or a.warmup < 0 or a.iters < 1:
         p.error("batches, --steps and --iters must be >= 1, --warmup >= 0")
+    if min(a.few_steps) < 1:
+        p.error("--few-steps must be >= 1")
     return a
 
 
@@ -691,9 +793,25 @@ def run(a: argparse.Namespace, t_start: float) -> int:
         b.measure("train", lambda: bench_train(b, dit, flops))
         b.measure("train_job_step", lambda: bench_train(b, dit, flops, job_step=True))
         b.measure("flop_counter", lambda: bench_flop_counter(b, dit, flops))
+        # The served code path at the bench's precision (bf16 on CUDA), then with
+        # --sample-variants at the other precision and compiled; the decoder's share by steps.
+        variants = a.sample_variants == "on" or (a.sample_variants == "auto" and b.cuda)
+        other = None if amp is not None else torch.bfloat16
+        alt = "fp32" if other is None else "bf16"
+        paths: dict[tuple[torch.dtype | None, bool], tuple[SamplingPath, float]] = {}
+        sample = functools.partial(bench_sample, b, dit, decoder, flops, paths)
         for bs in a.sample_batches:
-            b.measure(f"sample_b{bs}", functools.partial(bench_sample, b, dit, decoder, flops, bs))
+            b.measure(f"sample_b{bs}", functools.partial(sample, bs, amp))
+            if variants:
+                b.measure(f"sample_b{bs}_{alt}", functools.partial(sample, bs, other))
+                b.measure(f"sample_b{bs}_compiled", functools.partial(sample, bs, amp, True))
         b.measure("decoder_flops", lambda: bench_decoder_flops(b, dit, decoder))
+        big = max(a.sample_batches)
+        steps = functools.partial(bench_steps, b, dit, decoder, big, amp, cache=paths)
+        b.measure("decoder_share_by_steps", functools.partial(steps, False))
+        if variants:
+            b.measure("decoder_share_by_steps_compiled", functools.partial(steps, True))
+        paths.clear()  # the compiled copies: free their memory before what comes next
         b.measure("ema", lambda: bench_ema(b, dit))
         b.measure("checkpoint", lambda: bench_checkpoint(b, dit))
         if a.compile:  # last: it compiles the shared DiT's blocks in place

@@ -1,8 +1,8 @@
 """Sampler benchmark: our batched generate against the reference code's one-image, two-forward
-style, and Euler against Heun.
+style, Euler against Heun, and where the served sampler's time goes at few steps.
 
     python -m benchmarks.sampler [--images 16] [--steps 25] [--cfg-scale 4] [--repeats 5]
-        [--threads 1] [--smoke] [--out outputs/bench/sampler.json]
+        [--threads 1] [--few-steps 1 2 4 8] [--compile] [--smoke] [--out outputs/bench/sampler.json]
 
 Demo size with random weights (DiT ``DIT_SIZES['demo']``, 10 classes, on the latents of
 ``ae_preset('debug')``: 200 channels x 4x4 tokens, decoded to 64 px), as ``svg-ray demo`` runs it;
@@ -20,12 +20,18 @@ The three must give the same pixels (max abs difference recorded). Repeats run t
 rotating order and keep medians (the 2-core machine is shared and its load drifts). Then Euler
 against Heun on the batched latents (no decode): Heun makes two model calls per step, so its
 model calls per second should match Euler's (ratio ~1; anything well below 1 is sampler overhead).
-Writes JSON and prints a one-line summary.
+
+Last, ``few_step``: the serving code (``svg_ray.serving.SamplerModel.sample_images``, fp32 on CPU
+as served there) on the same ``--images`` at each of ``--few-steps``, with its own split of the
+time into the ODE solver (DiT) and the decoder. With ``--compile`` the same again with
+``server.compile: 'on'`` (copies of the models; the load-time warm-up, i.e. compiling, is timed
+apart) and the largest pixel difference against eager. Writes JSON and prints a one-line summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
 import statistics
@@ -40,6 +46,7 @@ from benchmarks.common import machine, set_env, write_json
 
 set_env()  # before timm is imported: no hub downloads
 
+from svg_ray.checkpoint import BundleInfo  # noqa: E402
 from svg_ray.data.latents import LatentStats  # noqa: E402
 from svg_ray.flow.samplers import SamplerConfig, time_grid  # noqa: E402
 from svg_ray.generate import (  # noqa: E402
@@ -50,6 +57,8 @@ from svg_ray.generate import (  # noqa: E402
 )
 from svg_ray.models.autoencoder import SVGAutoencoder, ae_preset  # noqa: E402
 from svg_ray.models.dit import DIT_SIZES, DiT, count_params, dit_config  # noqa: E402
+from svg_ray.serving import GenerationJob, SamplerModel, ServerConfig  # noqa: E402
+from svg_ray.serving.source import ModelSource  # noqa: E402
 
 NUM_CLASSES = 10  # the demo's digits
 
@@ -107,6 +116,56 @@ def rotating_medians(
     return {n: statistics.median(v) for n, v in runs.items()}, runs, last
 
 
+def serving_model(
+    dit: DiT, ae: SVGAutoencoder, stats: LatentStats, images: int, compile: str
+) -> SamplerModel:
+    """The models as a CPU replica serves them (one chunk of ``images``); compiling happens in
+    the constructor's warm-up (``SamplerModel.warmup_s``)."""
+    info = BundleInfo(stats, [str(i) for i in range(NUM_CLASSES)])
+    server = ServerConfig(device="cpu", max_batch_images=images, compile=compile)
+    return SamplerModel(dit, ae, info, ModelSource("random weights", "memory"), server)
+
+
+def few_step(
+    models: dict[str, SamplerModel],
+    labels: torch.Tensor,
+    seeds: list[int],
+    steps: list[int],
+    cfg_scale: float,
+    repeats: int,
+) -> dict[str, Any]:
+    """Per model and step count: median ms in the ODE solver (DiT) and the decoder, the decoder's
+    share, ms per image; one untimed round first, then ``repeats`` rounds in rotating order."""
+    cases = [(name, n) for name in models for n in steps]
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in cases}
+    pixels: dict[tuple[str, int], np.ndarray] = {}
+    for r in range(repeats + 1):
+        for name, n in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            model = models[name]
+            cfg = model.server.sampler_config(steps=n, cfg_scale=cfg_scale)
+            job = GenerationJob(tuple(labels.tolist()), tuple(seeds), cfg, "json")
+            images, stats = model.sample_images([job])
+            pixels[(name, n)] = np.stack(images[0]).astype(np.int16)
+            if r:  # round 0 is the warm-up
+                runs[(name, n)].append((stats[0]["sample_s"], stats[0]["decode_s"]))
+    out: dict[str, Any] = {}
+    for name, n in cases:
+        dit_s = statistics.median(x[0] for x in runs[(name, n)])
+        dec_s = statistics.median(x[1] for x in runs[(name, n)])
+        out.setdefault(name, {})[str(n)] = {
+            "dit_ms": round(1000 * dit_s, 3),
+            "decode_ms": round(1000 * dec_s, 3),
+            "decoder_share": round(dec_s / (dit_s + dec_s), 4),
+            "ms_per_image": round(1000 * (dit_s + dec_s) / len(seeds), 3),
+            "runs_s": runs[(name, n)],
+        }
+    if "compiled" in models:
+        out["max_abs_pixel_diff_compiled_vs_eager"] = max(
+            int(np.abs(pixels[("compiled", n)] - pixels[("eager", n)]).max()) for n in steps
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both parts, write the JSON, print a one-line summary."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG weight (reference pictures)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--few-steps", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="step counts for the serving code's DiT/decoder split")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="also time the serving code with "
+                   "server.compile 'on' (CPU: minutes of compiling, unless cached)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny settings for tests: 2 images, 2 "
-                   "steps, 1 round")  # fmt: skip
+                   "steps, 1 round, few steps 1 2")  # fmt: skip
     p.add_argument("--out", default="outputs/bench/sampler.json")
     a = p.parse_args(argv)
     if a.smoke:
-        a.images, a.steps, a.repeats = 2, 2, 1
+        a.images, a.steps, a.repeats, a.few_steps = 2, 2, 1, [1, 2]
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     machine_start = machine()
@@ -180,6 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     for k, r in solver.items():
         print(f"  {k}: {r['steps_per_s']:.1f} steps/s, {r['model_calls_per_s']:.1f} calls/s")
 
+    print(f"serving code, {a.few_steps} steps (DiT / decoder):", flush=True)
+    models = {"eager": serving_model(dit, ae, stats, a.images, "off")}
+    warmup_s = None
+    if a.compile:  # copies: compiling works in place, and the eager rows need the eager models
+        models["compiled"] = serving_model(
+            copy.deepcopy(dit), copy.deepcopy(ae), stats, a.images, "on"
+        )
+        warmup_s = models["compiled"].warmup_s
+        print(f"  compiled in the load-time warm-up: {warmup_s:.1f} s", flush=True)
+    fs = few_step(models, labels, seeds, a.few_steps, a.cfg_scale, a.repeats)
+    fs["compile_warmup_s"] = warmup_s
+    for name in models:
+        for n, r in fs[name].items():
+            print(
+                f"  {name:8s} {n:>2s} steps: DiT {r['dit_ms']:.1f} ms, decoder "
+                f"{r['decode_ms']:.1f} ms ({r['decoder_share']:.0%})"
+            )
+
     report = {
         "config": vars(a),
         "machine": {
@@ -207,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "heun_over_euler_model_calls_per_s": parity,
             "heun_over_euler_time": kmed["heun"] / kmed["euler"],
         },
+        "few_step": fs,
         "total_s": time.perf_counter() - t_start,
     }
     out = write_json(a.out, report)
@@ -218,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(x{report['ratio_batched_over_reference']:.2f}; per-image fused CFG "
         f"{ips['per_image']:.1f} img/s, x{report['ratio_per_image_over_reference']:.2f}); "
         f"same pixels (max diff {max(diff.values()):.1e}); heun/euler model calls/s "
-        f"{parity:.2f} (time x{kmed['heun'] / kmed['euler']:.2f}) -> {out}",
+        f"{parity:.2f} (time x{kmed['heun'] / kmed['euler']:.2f}); decoder share at "
+        + "/".join(map(str, a.few_steps))
+        + " steps "
+        + "/".join(f"{r['decoder_share']:.0%}" for r in fs["eager"].values())
+        + f" -> {out}",
         flush=True,
     )
     return 0

@@ -66,6 +66,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert set(m) == {
         "train", "train_job_step", "flop_counter", "sample_b1", "sample_b2", "decoder_flops",
         "ema", "checkpoint", "train_compiled",
+        "decoder_share_by_steps",
     }  # fmt: skip
     for name in ("train", "train_job_step", "train_compiled"):
         _positive(m[name], "images_per_s", "model_tflops_per_s", "wall_s")
@@ -80,13 +81,21 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         assert s["batch"] == bs and s["steps"] == 2 and s["timed_runs"] == 1
         _positive(s, "images_per_s", "ms_per_image", "dit_ms", "decode_ms", "dit_images_per_s")
         assert 0 < s["decoder_share"] < 1 and s["dit_mfu"] is None and s["outputs_finite"]
-        assert s["image_shape"] == [bs, 3, 256, 256]
+        assert s["image_shape"] == [bs, 256, 256, 3]  # uint8 pixels, as served
+        assert (s["precision"], s["compiled"]) == ("fp32", False)
     _positive(m["decoder_flops"], "gflops_per_image", "params_m")
     _positive(m["train_compiled"], "compile_first_step_s")
     _positive(m["ema"], "speedup", "tensors")
     c = m["checkpoint"]
     _positive(c, "checkpoint_gb", "async_stall_s")
     assert c["sync_stall_s"] >= c["async_stall_s"]
+    # The decoder's share by step count, at the largest sample batch; it falls as steps grow.
+    by_steps = m["decoder_share_by_steps"]
+    assert by_steps["batch"] == 2 and by_steps["precision"] == "fp32"
+    for n in ("1", "2", "4", "8", "25"):
+        _positive(by_steps[n], "dit_ms", "decode_ms", "ms_per_image")
+        assert 0 < by_steps[n]["decoder_share"] < 1
+    assert by_steps["1"]["decoder_share"] > by_steps["25"]["decoder_share"]
 
 
 @pytest.mark.slow
@@ -115,6 +124,12 @@ def test_sampler_benchmark_smoke(tmp_path: Path) -> None:
     eh = r["euler_vs_heun"]
     _positive(eh["euler"], "steps_per_s", "model_calls_per_s")
     assert 0.25 < eh["heun_over_euler_model_calls_per_s"] < 4
+    # The serving code's split at few steps (smoke: 1 and 2), eager only without --compile.
+    fs = r["few_step"]
+    assert set(fs["eager"]) == {"1", "2"} and fs["compile_warmup_s"] is None
+    for row in fs["eager"].values():
+        _positive(row, "dit_ms", "decode_ms", "ms_per_image")
+        assert 0 < row["decoder_share"] < 1
 
 
 @pytest.mark.slow

@@ -98,11 +98,7 @@ def test_settings_tables_show_types_defaults_and_requirements(gen: ModuleType) -
 OUTSIDE = re.compile(r"environment\.md|svg-method|ray-platform|style\.md|\.\./shared|shared/docs")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg", ".ini", ".json"}
 SKIP_DIRS = {"outputs", "build", "dist", "node_modules", "__pycache__"}
-PENDING: dict[str, str] = {
-    # Another branch (GPU speed work) is editing this file; at its merge the citation becomes
-    # "(the SVG paper, arXiv 2510.15301, Sec. 5: FID 6.49 at 10 steps ...)" and this entry goes.
-    "svg_ray/serving/config.py": "svg-method.md Sec. 5",
-}
+PENDING: dict[str, str] = {}
 """Known citations awaiting a merge: file -> the exact text (remove the entry with the text)."""
 
 

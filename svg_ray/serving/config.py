@@ -22,8 +22,8 @@ DEFAULT_MODEL_URI = "outputs/demo/bundle"
 class SamplerDefaults:
     """What a request gets for every field it leaves out.
 
-    Few-step settings: SVG's latent samples well in few Euler steps (svg-method.md Sec. 5: FID 6.49
-    at 10 steps with CFG vs 1.92 at 25, where SiT needs 250). Euler beats Heun per model
+    Few-step settings: SVG's latent samples well in few Euler steps (the SVG paper, arXiv
+    2510.15301, Sec. 5: FID 6.49 at 10 steps with CFG vs 1.92 at 25, where SiT needs 250). Euler beats Heun per model
     evaluation at this budget, and w = 4 is the reference's setting for pictures.
     """
 
@@ -58,6 +58,11 @@ LIMITS = (
 )
 """The ServerConfig fields a client sees in GET /v1/model."""
 
+PRECISIONS = ("auto", "bf16", "fp32")
+"""``server.precision`` values."""
+COMPILE_MODES = ("auto", "on", "off")
+"""``server.compile`` values."""
+
 
 @dataclass
 class ServerConfig:
@@ -81,6 +86,13 @@ class ServerConfig:
     """torch intra-op threads per replica (0 = torch's default); 1 on a shared CPU host."""
     device: str = "auto"
     """'auto' (cuda when present), 'cpu' or 'cuda[:i]'."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32': the dtype of the DiT's and
+    the decoder's matmuls and convolutions; the sampler integrates in fp32 either way."""
+    compile: str = "auto"
+    """'auto' (on for CUDA, off on CPU), 'on' or 'off' (quoted in YAML, where a bare on/off is a
+    boolean): torch.compile the DiT and the decoder, at load time (warm-up samples), so no request
+    pays for compiling."""
     defaults: SamplerDefaults = field(default_factory=SamplerDefaults)
     """Values for fields a request leaves out."""
 
@@ -95,6 +107,14 @@ class ServerConfig:
         require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"server.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}",
+        )
+        require(
+            self.precision in PRECISIONS,
+            f"server.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}",
+        )
+        require(
+            self.compile in COMPILE_MODES,
+            f"server.compile must be 'auto', 'on' or 'off', got {self.compile!r}",
         )
         require(
             self.defaults.steps <= self.max_steps,
