@@ -23,8 +23,9 @@ class SamplerDefaults:
     """What a request gets for every field it leaves out.
 
     Few-step settings: SVG's latent samples well in few Euler steps (the SVG paper, arXiv
-    2510.15301, Sec. 5: FID 6.49 at 10 steps with CFG vs 1.92 at 25, where SiT needs 250). Euler beats Heun per model
-    evaluation at this budget, and w = 4 is the reference's setting for pictures.
+    2510.15301, Sec. 5: FID 6.49 at 10 steps with CFG vs 1.92 at 25, where SiT needs 250). Euler
+    beats Heun per model evaluation at this budget, and w = 4 is the reference's setting for
+    pictures.
     """
 
     steps: int = 10

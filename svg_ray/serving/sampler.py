@@ -36,6 +36,7 @@ from svg_ray.serving.config import AppArgs, ServerConfig
 from svg_ray.serving.images import encode_png, grid_png
 from svg_ray.serving.schema import GenerationJob, Limits
 from svg_ray.serving.source import ModelSource, with_bundle
+from svg_ray.training.accel import resolve_compile
 
 
 @dataclass
@@ -83,11 +84,6 @@ def resolve_precision(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if setting == "bf16" else None
-
-
-def resolve_compile(setting: str, device: torch.device) -> bool:
-    """``server.compile`` on ``device``: whether to torch.compile the DiT and the decoder."""
-    return device.type == "cuda" if setting == "auto" else setting == "on"
 
 
 def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:
