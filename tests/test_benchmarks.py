@@ -52,7 +52,8 @@ SMOKE += ["--steps", "2", "--iters", "1", "--warmup", "0"]
 def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     """Every measurement runs and reports positive rates; no peak is known on CPU, so MFU is
     null; the FLOP counter (math attention) agrees with the formula exactly."""
-    r, stdout = _run(["benchmarks.gpu", *SMOKE], tmp_path / "gpu.json")
+    # The compiled step is left out: compile parity is tests/test_accel.py's (and costs ~30 s).
+    r, stdout = _run(["benchmarks.gpu", *SMOKE, "--no-compile"], tmp_path / "gpu.json")
     assert r["status"] == "complete"
     assert stdout.strip().splitlines()[-1].startswith("bench gpu [cpu")
     env = r["env"]
@@ -65,10 +66,10 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     m = r["measurements"]
     assert set(m) == {
         "train", "train_job_step", "flop_counter", "sample_b1", "sample_b2", "decoder_flops",
-        "ema", "checkpoint", "train_compiled",
+        "ema", "checkpoint",
         "decoder_share_by_steps",
     }  # fmt: skip
-    for name in ("train", "train_job_step", "train_compiled"):
+    for name in ("train", "train_job_step"):
         _positive(m[name], "images_per_s", "model_tflops_per_s", "wall_s")
         _positive(m[name]["step"], "median_ms")
         assert m[name]["batch"] == 2 and m[name]["timed_steps"] == 1
@@ -84,7 +85,6 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         assert s["image_shape"] == [bs, 256, 256, 3]  # uint8 pixels, as served
         assert (s["precision"], s["compiled"]) == ("fp32", False)
     _positive(m["decoder_flops"], "gflops_per_image", "params_m")
-    _positive(m["train_compiled"], "compile_first_step_s")
     _positive(m["ema"], "speedup", "tensors")
     c = m["checkpoint"]
     _positive(c, "checkpoint_gb", "async_stall_s")
