@@ -94,12 +94,12 @@ def test_settings_tables_show_types_defaults_and_requirements(gen: ModuleType) -
     assert "`--sampler-cfg-mode`" in tables  # the sampler section's flag prefix
 
 
-# Files outside the repository that code and docs once cited; a user has only the repository.
-OUTSIDE = re.compile(r"environment\.md|svg-method|ray-platform|style\.md|\.\./shared|shared/docs")
+# A user has only the repository: every Markdown file that code, tests or docs name must be one
+# of its own, and no relative path may climb out of it.
+MD_NAME = re.compile(r"[\w./-]*\w\.md\b")
+CLIMB = re.compile(r"(?:\.\./)+[\w.-]+")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg", ".ini", ".json"}
 SKIP_DIRS = {"outputs", "build", "dist", "node_modules", "__pycache__"}
-PENDING: dict[str, str] = {}
-"""Known citations awaiting a merge: file -> the exact text (remove the entry with the text)."""
 
 
 def _repo_text_files() -> list[Path]:
@@ -116,18 +116,37 @@ def _repo_text_files() -> list[Path]:
     return out
 
 
+def _outside(path: Path, line: str, md_names: set[str]) -> list[str]:
+    """What ``line`` of ``path`` names outside the repository."""
+    found = [m for m in MD_NAME.findall(line) if Path(m).name not in md_names]
+    for m in CLIMB.findall(line):
+        dest = (path.parent / m).resolve()
+        if not dest.is_relative_to(REPO.resolve()):
+            found.append(m)
+    return found
+
+
 def test_nothing_points_outside_the_repository() -> None:
+    files = _repo_text_files()
+    md_names = {p.name for p in files if p.suffix == ".md"}
     found = []
-    for path in _repo_text_files():
-        if path == Path(__file__).resolve():
+    for path in files:
+        if path == Path(__file__).resolve():  # its own examples below
             continue
         rel = str(path.relative_to(REPO))
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if OUTSIDE.search(line) and not (rel in PENDING and PENDING[rel] in line):
-                found.append(f"{rel}:{n}: {line.strip()}")
+            if names := _outside(path, line, md_names):
+                found.append(f"{rel}:{n}: {names}")
     assert not found, "references to files outside the repository:\n" + "\n".join(found)
-    for rel, text in PENDING.items():  # an entry outlives its citation: remove it
-        assert text in (REPO / rel).read_text(), f"PENDING[{rel!r}] is fixed: remove the entry"
+
+
+def test_the_outside_check_catches_what_it_is_for() -> None:
+    md_names = {"README.md", "design.md"}
+    here = REPO / "svg_ray" / "x.py"
+    assert _outside(here, "see docs/design.md and README.md", md_names) == []
+    assert _outside(here, "(notes.md Sec. 5)", md_names) == ["notes.md"]
+    assert _outside(here, "../../elsewhere/guide", md_names) == ["../../elsewhere"]
+    assert _outside(here, "../tests/conftest.py", md_names) == []
 
 
 def _anchors(doc: Path) -> set[str]:
