@@ -167,6 +167,15 @@ def checkpoint_state(size: str) -> dict[str, Any]:
     return {"model": model.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict()}
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    return 0
+
+
 def stall_loop(config: dict[str, Any]) -> None:
     """Ray Train loop: checkpoints in both modes; each rank writes its stalls to a JSON file."""
     import ray.train
@@ -187,7 +196,8 @@ def stall_loop(config: dict[str, Any]) -> None:
         if mode == "sync":
             slowest_sync = max(slowest_sync, float(worst))
         time.sleep(config["gap_s"] if config["gap_s"] > 0 else slowest_sync)
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(out))
+    sizes = {"bytes": state_bytes(state)}  # rank 0 holds the state: its size comes back with it
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({**out, **sizes}))
 
 
 def bench_checkpoint(size: str, ckpts: int, gap_s: float, storage_path: str) -> dict[str, Any]:
@@ -207,17 +217,7 @@ def bench_checkpoint(size: str, ckpts: int, gap_s: float, storage_path: str) -> 
         fit(stall_loop, config, run, {})
         wall = time.perf_counter() - t0
         ranks = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(2)]
-    state = checkpoint_state(size)
-    nbytes = sum(
-        t.numel() * t.element_size()
-        for part in (state["model"], state["ema"])
-        for t in part.values()
-    ) + sum(
-        t.numel() * t.element_size()
-        for s in state["opt"]["state"].values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
+    nbytes = sum(r.pop("bytes") for r in ranks)
     sync = max(_median(r["sync"]) for r in ranks)
     asyn = max(_median(r["async"]) for r in ranks)
     return {
